@@ -108,8 +108,10 @@ def test_shape_iou_ignores_place_and_size_but_not_outline():
 
 def test_control_iou_is_mean_over_pairs():
     a, b = _disk(r=8), _disk(cx=10, cy=10, r=5)
-    assert M.control_iou([a, a], [a, ~a]) == pytest.approx(0.5)
+    assert M.control_iou([a, a], [a, b]) == pytest.approx(0.5)
     assert M.control_iou([a], [b]) == 0.0
+    ring = _disk(r=8) & ~_disk(r=4)
+    assert M.control_iou([ring], [a]) == 1.0  # compared as filled silhouettes
 
 
 # ---------------------------------------------------------------- judged labels

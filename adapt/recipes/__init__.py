@@ -1,0 +1,121 @@
+"""The recipe plugin contract and its registry.
+
+A recipe is one module registered under its name.  Built-ins and third-party
+packages are found the same way: through the entry-point group `adapt.recipes`
+(see pyproject.toml).  The trainer core only calls the methods below; it has no
+branch for any particular recipe.
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from adapt.config import Section
+from adapt.errors import ConfigError
+
+ENTRY_POINT_GROUP = "adapt.recipes"
+_REGISTRY: dict[str, type["Recipe"]] = {}
+_DISCOVERED = False
+
+
+class Recipe:
+    """Base class of every recipe.
+
+    Lifecycle in `adapt train`: check_config -> __init__ -> setup_data -> prepare
+    -> (loss per step) -> save.  `apply` is used by sample/compare/eval/UI on a
+    finished run directory.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[Section]] = Section
+    #: Dataset roles this recipe trains on; others in the dataset file are an error.
+    roles: ClassVar[tuple[str, ...]] = ("instance",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rc = cfg.recipe_config
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ConfigError for impossible combinations of settings."""
+
+    def setup_data(self, base, run_dir: Path, dataset):
+        """Hook to extend the dataset before training (e.g. generate class images). Returns the dataset."""
+        return dataset
+
+    def prepare(self, base) -> list[torch.nn.Parameter]:
+        """Add modules / unfreeze what this recipe trains; return the trainable parameters."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict, base) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss for one micro-batch and a dict of floats to log."""
+        raise NotImplementedError
+
+    def trainable_state_dict(self, base) -> dict[str, torch.Tensor]:
+        """Everything trained, for resumable checkpoints."""
+        raise NotImplementedError
+
+    def load_trainable_state_dict(self, base, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, run_dir: Path, base, metadata: dict[str, str]) -> None:
+        """Write the final artifact in native, loadable formats."""
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, pipe, run_dir: Path, scale: float = 1.0, **kwargs: Any):
+        """Apply a finished run to a diffusers pipeline (in place where possible); return the pipeline."""
+        raise NotImplementedError
+
+
+def register_recipe(name: str):
+    """Class decorator: register a recipe under `name` (the file name, the YAML `recipe:` value)."""
+
+    def deco(cls: type[Recipe]) -> type[Recipe]:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"recipe name '{name}' is already registered by {existing.__module__}.{existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not take the built-ins down with it
+            warnings.warn(f"recipe plugin '{ep.name}' ({ep.value}) failed to load: {exc}")
+            continue
+        if _REGISTRY.get(ep.name) is not cls:
+            register_recipe(ep.name)(cls)
+    # A source checkout that was not pip-installed has no entry points: import the built-in files.
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if not path.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{path.stem}")
+
+
+def available_recipes() -> dict[str, type[Recipe]]:
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_recipe(name: str, source: str = "<config>") -> type[Recipe]:
+    recipes = available_recipes()
+    if name not in recipes:
+        close = difflib.get_close_matches(name, list(recipes), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "installed recipes: " + ", ".join(recipes)
+        raise ConfigError(f"{source}: unknown recipe '{name}' — {hint} (`adapt recipes` lists them)")
+    return recipes[name]
