@@ -25,7 +25,8 @@ DEFAULT_BASE = str(Path(__file__).resolve().parent / "assets" / "tinyworld")
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: a revision or folder name made of digits (YAML reads `1234567` as int) is still text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class BaseConfig(Section):
@@ -145,6 +146,8 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.lr=5e-5")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override '{item}': empty key name; expected key=value, e.g. train.lr=5e-5")
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
