@@ -45,6 +45,15 @@ def _check_diffusers_folder(path: Path) -> None:
             raise ModelLoadError(f"{path} is not a complete diffusers model: missing {sub}/{fname}.")
     if not (path / "tokenizer").is_dir():
         raise ModelLoadError(f"{path} is not a complete diffusers model: missing tokenizer/ folder.")
+    # Refuse SDXL from the configs, before reading gigabytes of weights.
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        unet_config = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: model_index.json or unet/config.json is not valid JSON ({exc}).") from None
+    if "text_encoder_2" in index or unet_config.get("addition_embed_type") == "text_time":
+        raise ModelLoadError(f"{path}: SDXL models are not supported yet (SD 1.x/2.x and the tiny world are); "
+                             "SDXL support is planned.")
 
 
 @dataclass
