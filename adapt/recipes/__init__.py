@@ -36,6 +36,10 @@ class Recipe:
     Config: ClassVar[type[Section]] = Section
     #: Dataset roles this recipe trains on; others in the dataset file are an error.
     roles: ClassVar[tuple[str, ...]] = ("instance",)
+    #: True if `loss` needs pixel_values even when latents are cached (e.g. a decoder trained on pixels).
+    needs_pixels: ClassVar[bool] = False
+    #: Set by the trainer before the first step: the shared DiffusionObjective (seeded noise, targets, SNR weights).
+    objective = None
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -67,6 +71,10 @@ class Recipe:
     def save(self, run_dir: Path, base, metadata: dict[str, str]) -> None:
         """Write the final artifact in native, loadable formats."""
         raise NotImplementedError
+
+    def preview_pipeline(self, base, scale: float = 1.0):
+        """(pipeline, extra generate() kwargs) showing the model as it trains; default: the base pipeline."""
+        return base.pipeline(), {}
 
     @classmethod
     def apply(cls, pipe, run_dir: Path, scale: float = 1.0, **kwargs: Any):
