@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import warnings
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -22,6 +23,27 @@ from adapt.errors import ConfigError
 ENTRY_POINT_GROUP = "adapt.recipes"
 _REGISTRY: dict[str, type["Recipe"]] = {}
 _DISCOVERED = False
+
+
+@dataclass(frozen=True)
+class UIInput:
+    """One extra input a recipe needs at generation time (e.g. ControlNet's control image).
+
+    The app (ui/app.py) builds a control for each and passes its value by `name`: to the pipeline call
+    (`target="generate"`, e.g. `image`, `controlnet_conditioning_scale`) or to `apply` (`target="apply"`).
+    `Recipe.ui_prepare` may transform the values first (preprocess an uploaded image) and return previews.
+    """
+
+    name: str
+    kind: Literal["image", "slider", "number", "text", "checkbox"]
+    label: str
+    default: Any = None
+    target: Literal["generate", "apply"] = "generate"
+    minimum: float = 0.0
+    maximum: float = 1.0
+    step: float = 0.05
+    info: str = ""
+    required: bool = False
 
 
 class Recipe:
@@ -40,6 +62,8 @@ class Recipe:
     needs_pixels: ClassVar[bool] = False
     #: Set by the trainer before the first step: the shared DiffusionObjective (seeded noise, targets, SNR weights).
     objective = None
+    #: Extra generation-time inputs the UI offers for runs of this recipe (none by default; see UIInput).
+    ui_inputs: ClassVar[tuple[UIInput, ...]] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -75,6 +99,23 @@ class Recipe:
     def preview_pipeline(self, base, scale: float = 1.0):
         """(pipeline, extra generate() kwargs) showing the model as it trains; default: the base pipeline."""
         return base.pipeline(), {}
+
+    @classmethod
+    def ui_prepare(cls, run_dir: Path, values: dict[str, Any], width: int, height: int):
+        """UI input values (by UIInput.name) -> (apply kwargs, pipeline-call kwargs, [(caption, PIL preview)]).
+
+        Default: route each value by its UIInput.target, drop unset ones, no previews.  Override to preprocess
+        (e.g. turn an uploaded photo into the control map at the generation size and return it as a preview).
+        """
+        apply_kw, call_kw = {}, {}
+        for spec in cls.ui_inputs:
+            value = values.get(spec.name, spec.default)
+            if value is None:
+                if spec.required:
+                    raise ConfigError(f"recipe '{cls.name}' needs '{spec.label}' to generate; provide it in the app")
+                continue
+            (apply_kw if spec.target == "apply" else call_kw)[spec.name] = value
+        return apply_kw, call_kw, []
 
     @classmethod
     def apply(cls, pipe, run_dir: Path, scale: float = 1.0, **kwargs: Any):
