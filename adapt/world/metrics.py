@@ -259,7 +259,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     r1 = _sqrtm_psd(s1)
     eig = np.linalg.eigvalsh(r1 @ s2 @ r1)
     tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+    d2 = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    # Rank-deficient covariances (fewer samples than dimensions) leave round-off in the
+    # square roots of near-zero eigenvalues; the true value is never negative.
+    return float(max(d2, 0.0))
 
 
 def fd(features_a, features_b) -> float:
