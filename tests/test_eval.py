@@ -95,3 +95,24 @@ def test_bad_inputs_are_clear_errors(tiny_base_dir, tmp_path, capsys):
     assert "not an adapt run directory" in capsys.readouterr().err
     assert main(["eval", "--base", str(tmp_path / "nowhere"), "--n", "2"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_control_inputs_follow_the_runs_preprocessor(tmp_path):
+    import numpy as np
+
+    cases = E.suite_cases("control", 2, seed=0)
+    plain = E.control_inputs(str(tmp_path), cases)  # no adapter_info.json: the pack's silhouettes
+    assert np.array_equal(np.asarray(plain[0])[..., 0] > 127, G.render_mask(cases[0][1]))
+    (tmp_path / "adapter_info.json").write_text(json.dumps(
+        {"adapt.preprocessor": "canny", "adapt.preprocessor_params": json.dumps({"low": 100, "high": 200, "sigma": 0})}))
+    edges = E.control_inputs(str(tmp_path), cases)
+    edge_px = np.asarray(edges[0].convert("L")) > 127
+    assert 0 < edge_px.sum() < G.render_mask(cases[0][1]).sum()  # an outline, thinner than the silhouette
+
+
+def test_subject_prompts_use_the_runs_identifier(tmp_path):
+    (tmp_path / "adapter_info.json").write_text(json.dumps({"adapt.identifier": "zwx"}))
+    ident = E.run_identifier(str(tmp_path))
+    assert ident == "zwx"
+    assert all(" zwx " in p for p, _ in E.suite_cases("subject", 5, 0, identifier=ident))
+    assert E.run_identifier(None) is None

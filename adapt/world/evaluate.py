@@ -23,6 +23,7 @@ import math
 import random
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -76,8 +77,11 @@ def _rng(suite: str, seed: int) -> random.Random:
     return random.Random(f"adapt-eval:{suite}:{seed}")
 
 
-def suite_cases(suite: str, n: int, seed: int) -> list[tuple[str, G.Labels]]:
-    """(prompt, labels) pairs of a suite: fresh seeded labels and their captions."""
+def suite_cases(suite: str, n: int, seed: int, identifier: Optional[str] = None) -> list[tuple[str, G.Labels]]:
+    """(prompt, labels) pairs of a suite: fresh seeded labels and their captions.
+
+    `identifier` is the subject's rare word (subject suite), default the subject pack's.
+    """
     rng = _rng(suite, seed)
     cases = []
     for _ in range(n):
@@ -90,18 +94,36 @@ def suite_cases(suite: str, n: int, seed: int) -> list[tuple[str, G.Labels]]:
         if suite == "class":
             prompt = G.caption(labels, rng, omit=("shape",))
         elif suite == "subject":
-            prompt = subject_prompt(labels)
+            prompt = subject_prompt(labels, identifier)
         else:
             prompt = G.caption(labels, rng)
         cases.append((prompt, labels))
     return cases
 
 
-def subject_prompt(labels: G.Labels) -> str:
-    """The subject pack's prompt for labels: its rare identifier + class noun instead of the shape word."""
-    token = getattr(G, "SUBJECT_TOKEN", "sks")
+def subject_prompt(labels: G.Labels, identifier: Optional[str] = None) -> str:
+    """The subject pack's prompt for labels: the rare identifier + class noun instead of the shape word."""
+    token = identifier or getattr(G, "SUBJECT_TOKEN", "sks")
     noun = getattr(G, "SUBJECT_CLASS", "shape")
     return f"a {labels.size} {token} {noun} at the {labels.position} on a {labels.background} background"
+
+
+def run_identifier(run_dir: Optional[str]) -> Optional[str]:
+    """The rare word a DreamBooth run was trained with (adapter_info.json or its weights' metadata), if any."""
+    from safetensors import safe_open
+
+    if not run_dir:
+        return None
+    info_file = Path(run_dir) / "adapter_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    if info.get("adapt.identifier"):
+        return info["adapt.identifier"]
+    for weights in sorted(Path(run_dir).glob("*.safetensors")):
+        with safe_open(str(weights), "pt") as f:
+            found = (f.metadata() or {}).get("adapt.identifier")
+        if found:
+            return found
+    return None
 
 
 def control_map(labels: G.Labels, size: int = 64):
@@ -110,6 +132,21 @@ def control_map(labels: G.Labels, size: int = 64):
     if render_control is not None:
         return render_control(labels, size=size)
     return Image.fromarray((G.render_mask(labels, size) * 255).astype(np.uint8)).convert("RGB")
+
+
+def control_inputs(run_dir: str, cases) -> list:
+    """What a ControlNet run expects for each case: the control pack's map, or the run's preprocessor applied
+    to the rendered image (e.g. canny edges) when it was trained with one."""
+    from adapt.data.control import preprocess
+    from adapt.recipes.controlnet import INFO_FILE
+
+    info_file = Path(run_dir) / INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    name = info.get("adapt.preprocessor", "none")
+    if name == "none":
+        return [control_map(labels) for _, labels in cases]
+    params = json.loads(info.get("adapt.preprocessor_params", "{}"))
+    return [preprocess(name, G.render(labels), **params) for _, labels in cases]
 
 
 # ---------------------------------------------------------------------- models
@@ -173,11 +210,9 @@ def _fd_vs_real(judge, feats: np.ndarray, cases) -> float:
 
 
 def _suite_generation(suite: str, settings: EvalSettings, pipe, judge, n: int, log) -> tuple[dict, dict]:
-    cases = suite_cases(suite, n, settings.seed)
+    cases = suite_cases(suite, n, settings.seed, identifier=run_identifier(settings.adapter))
     prompts = [p for p, _ in cases]
-    controls = None
-    if suite == "control":
-        controls = [control_map(labels) for _, labels in cases] if settings.controlnet else None
+    controls = control_inputs(settings.controlnet, cases) if suite == "control" and settings.controlnet else None
     # Masks and renders are compared at the world's 64 px, whatever size the base generates.
     images = [im if im.size == (64, 64) else im.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)
               for im in _generate(pipe, prompts, settings, controls, log)]
