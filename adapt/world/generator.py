@@ -167,7 +167,7 @@ _PHRASINGS = (
     "a {size} {color} {shape} on a {background} background, at the {position}",
     "a {size} {color} {shape} at the {position}, {background} background",
     "{background} background with a {size} {color} {shape} at the {position}",
-    "a picture of a {size} {color} {shape} at the {position} on a {background} background",
+    "a photo of a {size} {color} {shape} at the {position} on a {background} background",
 )
 
 
@@ -176,10 +176,11 @@ def caption(labels: Labels, rng: random.Random, omit: tuple[str, ...] = ()) -> s
 
     `omit` gives a partial prompt in one fixed phrasing: a dropped shape becomes
     the generic word "shape", other dropped fields vanish ("a red shape at the
-    left").  Non-plain styles append `STYLE_TRIGGER`.
+    left", sometimes prefixed "a photo of").  Non-plain styles append
+    `STYLE_TRIGGER`.
     """
     if omit:
-        noun = " ".join(["a"] + [getattr(labels, f) for f in ("size", "color") if f not in omit]
+        noun = rng.choice(("", "a photo of ")) + " ".join(["a"] + [getattr(labels, f) for f in ("size", "color") if f not in omit]
                         + ["shape" if "shape" in omit else labels.shape])
         pos = "" if "position" in omit else f" at the {labels.position}"
         bg = "" if "background" in omit else f" on a {labels.background} background"
