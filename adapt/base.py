@@ -240,9 +240,9 @@ def _load_single_file(path: Path, cfg: BaseConfig):
     try:
         return StableDiffusionPipeline.from_single_file(str(path), local_files_only=_offline() or bool(cfg.config_dir), **kwargs)
     except Exception as exc:  # diffusers raises many types here; all mean "cannot use this file"
-        hint = ("" if cfg.config_dir else " Offline, single-file loading needs base.config_dir: a local diffusers folder "
+        hint = ("" if cfg.config_dir else " Offline, single-file loading needs base.config_dir (--config-dir): a local diffusers folder "
                 "of the same architecture whose configs describe this checkpoint.")
-        raise ModelLoadError(f"{path}: could not load single-file checkpoint: {exc}.{hint}") from None
+        raise ModelLoadError(f"{path}: could not load single-file checkpoint: {str(exc).rstrip('. ')}.{hint}") from None
 
 
 def _load_from_hub(cfg: BaseConfig):

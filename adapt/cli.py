@@ -41,6 +41,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None, help="image size in pixels (default: the base's native size)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickle checkpoints (trusted files only)")
+    p.add_argument("--config-dir", default=None,
+                   help="for a single-file --base offline: a local diffusers folder of the same architecture")
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def _load(args):
     from adapt.base import BaseModel
     from adapt.config import DEFAULT_BASE, BaseConfig
 
-    cfg = BaseConfig(path=args.base or DEFAULT_BASE, allow_pickle=args.allow_pickle)
+    cfg = BaseConfig(path=args.base or DEFAULT_BASE, allow_pickle=args.allow_pickle, config_dir=args.config_dir)
     return BaseModel.load(cfg, device=_device(args.device))
 
 
