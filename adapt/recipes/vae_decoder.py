@@ -381,7 +381,8 @@ class VAEDecoder(Recipe):
             mixed = {k: start[k] + float(scale) * (v - start[k]) for k, v in decoder_state(tuned).items()}
             tuned.load_state_dict(mixed, strict=False)
         tuned.requires_grad_(False).eval()
-        tuned.to(current.device, current.dtype)
+        if current.dtype != torch.float32 or current.device != tuned.device:
+            tuned.to(current.device, current.dtype)
         if current.dtype != torch.float32:
             guard_decode(tuned)
         tuned._adapt_base_vae = base_vae
