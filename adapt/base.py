@@ -255,6 +255,7 @@ def _load_from_hub(cfg: BaseConfig):
     except Exception as exc:
         if _offline() or "offline" in str(exc).lower() or "connect" in str(exc).lower() or "resolve" in str(exc).lower():
             raise ModelLoadError(
-                f"{cfg.path}: cannot download from the model hub (offline or unreachable). Pass a local diffusers folder "
+                f"{cfg.path}: no local folder or file of that name, and the model hub cannot be reached (offline or "
+                "unreachable), so it cannot be downloaded. Pass a local diffusers folder "
                 "as base.path, or pre-download it into the hub cache (HF_HOME) while online.") from None
         raise ModelLoadError(f"{cfg.path}: could not load from the hub: {exc}") from None

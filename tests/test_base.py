@@ -191,6 +191,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
     msg = load_error(BaseConfig(path="some-org/some-model"))
     assert time.monotonic() - start < 30  # a guard against a hanging network attempt, not a benchmark
     assert "some-org/some-model" in msg and "local diffusers folder" in msg and "HF_HOME" in msg
+    assert "no local folder" in msg  # a mistyped relative path looks like a hub id: say both were tried
 
 
 def test_sdxl_unet_is_refused_before_loading_weights(tiny_base_dir, tmp_path):
