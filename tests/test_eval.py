@@ -88,6 +88,14 @@ def test_table_output(tiny_base_dir, capsys):
     assert "suite decoder" in out and "psnr" in out and "ssim" in out
 
 
+def test_grid_of_samples(tiny_base, tmp_path):
+    from PIL import Image
+
+    result = _evaluate(tiny_base, "adherence", n=10, grid=str(tmp_path / "g.png"))
+    sheet = Image.open(result["details"]["grid"])
+    assert sheet.size == (8 * 256, 2 * 256)  # 8 columns, 2 rows of 64 px samples shown 4x
+
+
 def test_bad_inputs_are_clear_errors(tiny_base_dir, tmp_path, capsys):
     assert main(["eval", "--base", str(tiny_base_dir), "--n", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err

@@ -58,6 +58,7 @@ class EvalSettings:
     batch_size: int = 50
     device: Optional[str] = None
     judge: Optional[str] = None
+    grid: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
 
@@ -204,6 +205,20 @@ def _judged(judge, images, cases) -> tuple[dict, dict, list, np.ndarray]:
     return metrics, details, preds, feats
 
 
+def save_grid(images: list, path: str, cols: int = 8, max_images: int = 32) -> str:
+    """The first images of a suite as one PNG (4x nearest-neighbour upscale), for looking at them."""
+    from adapt.infer import grid
+
+    shown = images[:max_images]
+    cols = min(cols, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    padded = shown + [Image.new("RGB", shown[0].size, "white")] * (rows * cols - len(shown))
+    sheet = grid(padded, rows=rows, cols=cols, cell=shown[0].size[0] * 4)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return str(path)
+
+
 def _fd_vs_real(judge, feats: np.ndarray, cases) -> float:
     real = judge.features([G.render(labels) for _, labels in cases])
     return M.fd(feats, real)
@@ -217,6 +232,8 @@ def _suite_generation(suite: str, settings: EvalSettings, pipe, judge, n: int, l
     images = [im if im.size == (64, 64) else im.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)
               for im in _generate(pipe, prompts, settings, controls, log)]
     metrics, details, preds, feats = _judged(judge, images, cases)
+    if settings.grid:
+        details["grid"] = save_grid(images, settings.grid)
     if suite in ("adherence", "style"):
         metrics["fd"] = _fd_vs_real(judge, feats, cases)
     if suite == "style":
@@ -301,6 +318,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=50, help="images generated per batch (default 50)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--judge", default=None, help="judge folder (default: the embedded judge)")
+    parser.add_argument("--grid", default=None, metavar="PNG", help="also save the first 32 generated images as a grid PNG")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -326,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(suite=args.suite, base=args.base, adapter=args.adapter, controlnet=args.controlnet,
                             vae=args.vae, n=args.n, seed=args.seed, steps=args.steps, cfg=args.cfg,
                             sampler=args.sampler, scale=args.scale, batch_size=args.batch_size, device=args.device,
-                            judge=args.judge)
+                            judge=args.judge, grid=args.grid)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = evaluate(settings, log=log)
     if args.json:
