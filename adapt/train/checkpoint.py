@@ -46,7 +46,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def rng_state(generator: torch.Generator) -> dict:
     state = {"torch": torch.get_rng_state(), "noise": generator.get_state(),
-             "numpy": np.random.get_state()[1].astype(np.int64), "python": random.getstate()[1]}
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "python": random.getstate()[1]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,7 +56,7 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["noise"])
     np_state = list(np.random.get_state())
-    np_state[1] = np.asarray(state["numpy"], dtype=np.uint32)
+    np_state[1] = np.asarray(state["numpy"].numpy(), dtype=np.uint32)
     np.random.set_state(tuple(np_state))
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():

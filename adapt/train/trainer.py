@@ -149,6 +149,7 @@ class Trainer:
 
     def _after_step(self, loss: float, logs: dict) -> None:
         tc, pc = self.cfg.train, self.cfg.preview
+        self.last_loss = loss
         if self.step % tc.log_every == 0 or self.step == tc.steps:
             self.accelerator.log({"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0], **logs}, step=self.step)
         if pc.every and self.step % pc.every == 0 and self.step < tc.steps:
