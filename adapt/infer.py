@@ -91,6 +91,9 @@ def attach(pipe, run_dir: str | Path, scale: float = 1.0, **kwargs):
     """Apply a finished run (any recipe) to a pipeline through its recipe's `apply`."""
     from adapt.recipes import get_recipe
 
+    if Path(run_dir).suffix == ".safetensors" and Path(run_dir).is_file():
+        # A single adapter file (diffusers, kohya/A1111, LyCORIS, ComfyUI conventions): the LoRA recipe reads them all.
+        return get_recipe("lora").apply(pipe, Path(run_dir), scale=scale, **kwargs)
     meta = read_run_meta(run_dir)
     recipe = get_recipe(meta["recipe"], source=str(run_dir))
     return recipe.apply(pipe, Path(run_dir), scale=scale, **kwargs)

@@ -1,8 +1,11 @@
-"""LoRA (Hu et al. 2021) on the UNet's attention projections, optionally on the text encoder; DoRA via peft.
+"""LoRA (Hu et al. 2021) on the UNet's attention projections, optionally on the text encoder; DoRA, LoHa, LoKr via peft.
 
 peft injects and trains the low-rank layers; diffusers writes and reads the
 standard `pytorch_lora_weights.safetensors`, so `pipe.load_lora_weights(run_dir)`
-works in plain diffusers without adapt installed.
+works in plain diffusers without adapt installed.  LoHa (Hyeon-Woo et al. 2022) and
+LoKr (Yeh et al. 2023), which diffusers' SD loader cannot read, are saved in the
+LyCORIS convention (`lycoris_weights.safetensors`, kohya names with hada_*/lokr_*
+tensors) that A1111/Forge and ComfyUI load, and that `apply` (adapt.export) reads back.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from adapt.recipes import Recipe, register_recipe
 from adapt.train.diffusion import batch_latents, batch_text, unet_predictor
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LYCORIS_NAME = "lycoris_weights.safetensors"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class LoRAConfig(Section):
+    type: Literal["lora", "loha", "lokr"] = Field("lora", description="Adapter kind: lora (low-rank, + DoRA with use_dora), loha (Hadamard product of two low-rank factors) or lokr (Kronecker product).")
     rank: int = Field(8, gt=0, description="LoRA rank r (inner dimension of the low-rank update).")
     alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
@@ -38,18 +43,23 @@ class LoRAConfig(Section):
     def _check(self):
         if not self.target_modules:
             raise ValueError("target_modules is empty; list at least one UNet module, e.g. [to_q, to_k, to_v, to_out.0]")
+        if self.type != "lora" and (self.use_dora or self.init != "default"):
+            raise ValueError(f"use_dora and init apply to type lora only; remove them or set lora.type=lora (type is {self.type})")
         return self
 
 
 def _peft_config(rank: int, alpha: Optional[float], rc: LoRAConfig, targets: list[str]):
-    from peft import LoraConfig
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+    if rc.type != "lora":  # peft's default init keeps one factor at zero, so training starts at the base
+        cls = LoHaConfig if rc.type == "loha" else LoKrConfig
+        return cls(r=rank, alpha=alpha or rank, module_dropout=rc.dropout, target_modules=targets)
     return LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=rc.dropout, target_modules=targets,
                       init_lora_weights=True if rc.init == "default" else "gaussian", use_dora=rc.use_dora)
 
 
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n]
+    return [p for n, p in module.named_parameters() if "lora_" in n or "hada_" in n or "lokr_" in n]
 
 
 @register_recipe("lora")
@@ -95,6 +105,8 @@ class LoRA(Recipe):
 
     # ---- the artifact ------------------------------------------------------------------------
     def save(self, run_dir: Path, base, metadata: dict[str, str]) -> None:
+        if self.rc.type != "lora":
+            return self._save_lycoris(Path(run_dir), base, metadata)
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -115,18 +127,45 @@ class LoRA(Recipe):
         tmp.rmdir()
         write_model_card(Path(run_dir), ours)
 
+    def _save_lycoris(self, run_dir: Path, base, metadata: dict[str, str]) -> None:
+        from adapt.export.convention import from_peft
+        from adapt.export.meta import training_metadata
+        from adapt.export.files import write_adapters
+        from peft.utils import get_peft_model_state_dict
+
+        rc, adapters = self.rc, {}
+        for name, m in self._modules(base).items():
+            rank = (rc.text_encoder_rank or rc.rank) if name == "text_encoder" else rc.rank
+            adapters.update(from_peft(get_peft_model_state_dict(m), name, (rc.alpha or rank) / rank))
+        ours = {**metadata, "adapt.recipe": "lora", "adapt.type": rc.type, "adapt.rank": str(rc.rank),
+                "adapt.alpha": str(rc.alpha or rc.rank), "adapt.use_dora": "false",
+                "adapt.train_text_encoder": str(rc.train_text_encoder).lower()}
+        write_adapters(adapters, run_dir / LYCORIS_NAME, "kohya", metadata={**training_metadata(ours, adapters), **ours})
+        write_model_card(run_dir, ours)
+
     def preview_pipeline(self, base, scale: float = 1.0):
         return base.pipeline(), {"cross_attention_kwargs": {"scale": scale}}
 
     @classmethod
     def apply(cls, pipe, run_dir: Path, scale: float = 1.0, **kwargs):
-        """Load the run's LoRA into the pipeline (once) and set its weight; other loaded LoRAs keep theirs."""
-        name = "adapt_" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
-        loaded = set(getattr(pipe.unet, "peft_config", {}) or {})
-        if name not in loaded:
-            pipe.load_lora_weights(str(run_dir), weight_name=WEIGHT_NAME, adapter_name=name)
+        """Load the run's adapter into the pipeline (once) and set its weight; other loaded LoRAs keep theirs.
+
+        `run_dir` may also be a single .safetensors adapter file in any convention adapt.export reads
+        (diffusers/PEFT, kohya/A1111, LyCORIS LoHa/LoKr, DoRA).
+        """
+        path = Path(run_dir)
+        name = "adapt_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        loaded = set(getattr(pipe.unet, "peft_config", {}) or {}) | set(getattr(pipe.text_encoder, "peft_config", {}) or {})
+        names = sorted(n for n in loaded if n == name or n.startswith(name + "_"))
+        if not names and path.is_dir() and (path / WEIGHT_NAME).is_file():
+            pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=name)
+            names = [name]
+        elif not names:
+            from adapt.export.apply import apply_file
+
+            names = apply_file(pipe, path / LYCORIS_NAME if path.is_dir() else path, name)
         weights = dict(getattr(pipe, "_adapt_lora_weights", {}))
-        weights[name] = float(scale)
+        weights.update({n: float(scale) for n in names})
         pipe._adapt_lora_weights = weights
         pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         return pipe
