@@ -30,10 +30,18 @@ def _add_make_packs(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_build_judge(sub) -> None:
+    p = sub.add_parser("build-judge", help="retrain the judge (the metrics' classifier) deterministically on the generator")
+    p.add_argument("--out", type=Path, default=ASSETS / "judge", help="output folder (default: the embedded judge)")
+    p.add_argument("--steps", type=int, default=1200, help="training steps (default 1200, ~6 CPU-minutes)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     _add_build_base(sub)
     _add_make_packs(sub)
+    _add_build_judge(sub)
 
 
 def _run_build_base(args) -> int:
@@ -65,8 +73,16 @@ def _run_make_packs(args) -> int:
     return 0
 
 
+def _run_build_judge(args) -> int:
+    from adapt.world.judge import build_judge
+
+    build_judge(args.out, steps=args.steps, seed=args.seed)
+    print(f"judge: {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    actions = {"build-base": _run_build_base, "make-packs": _run_make_packs}
+    actions = {"build-base": _run_build_base, "make-packs": _run_make_packs, "build-judge": _run_build_judge}
     return actions[args.world_command](args)
 
 
