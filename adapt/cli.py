@@ -34,6 +34,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--base", default=None, help="base model (diffusers folder, .safetensors, hub id); default: the embedded tiny world")
     p.add_argument("--adapter", action="append", default=[], help="a run directory to apply (repeatable)")
+    p.add_argument("--vae", action="append", dest="adapter", metavar="RUN_DIR",
+                   help="a vae_decoder run directory: swap in its decoder (an alias of --adapter; scale 0 = base decoder)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
