@@ -192,7 +192,9 @@ class ControlNet(Recipe):
             # from_unet copies conv_in, time embedding, down blocks and mid block; diffusers zero-initialises the
             # conditioning embedding's last conv and every controlnet_block (the zero convs).
             self.controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=tuple(widths))
-        self.controlnet.to(base.device, torch.float32)  # fp32 master weights whatever the base dtype
+        self.controlnet.to(base.device)
+        if self.controlnet.dtype != torch.float32:  # fp32 master weights whatever the base dtype
+            self.controlnet.to(dtype=torch.float32)
         self.controlnet.requires_grad_(True)
         self.controlnet.train()
         if self.cfg.train.gradient_checkpointing:
@@ -273,7 +275,9 @@ class ControlNet(Recipe):
         key = str(folder.resolve())
         if key not in cache:
             cn = load_controlnet(folder, pipe.unet.config, pipe.vae_scale_factor)
-            cache[key] = cn.to(pipe.unet.device, pipe.unet.dtype).eval()
+            cn.to(pipe.unet.device)
+            cache[key] = (cn if cn.dtype == pipe.unet.dtype else cn.to(dtype=pipe.unet.dtype)).eval()
+            pipe._adapt_controlnets = cache  # later applies on this pipeline reuse the loaded model
         elif cache[key] is not None:
             check_compatible(cache[key].config, pipe.unet.config, pipe.vae_scale_factor, str(folder))
         if control_image is None:
