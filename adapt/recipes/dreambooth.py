@@ -115,6 +115,12 @@ class DreamBooth(Recipe):
         if rc.instance_prompt is not None and rc.identifier.lower() not in rc.instance_prompt.lower().split():
             raise ConfigError(f"{src}: dreambooth.instance_prompt {rc.instance_prompt!r} does not contain the identifier "
                               f"{rc.identifier!r} (dreambooth.identifier) — e.g. 'a photo of {rc.identifier} dog'")
+        from adapt.infer import ALIASES, SAMPLERS
+
+        norm = rc.class_sampler.lower().replace("-", "_").replace(" ", "_")
+        if ALIASES.get(norm, norm) not in SAMPLERS:
+            raise ConfigError(f"{src}: dreambooth.class_sampler {rc.class_sampler!r} is not a sampler; choose one of: "
+                              + ", ".join(SAMPLERS))
         if rc.lora.train_text_encoder:
             raise ConfigError(f"{src}: dreambooth.lora.train_text_encoder is not used — set dreambooth.train_text_encoder "
                               "instead (it applies to both modes)")
