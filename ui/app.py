@@ -25,6 +25,11 @@ from ui.engine import SWEEP_SCALES, Engine, Selection, Settings
 log = logging.getLogger("adapt.ui")
 EXTRA_SLOTS = 2          # adapters stacked on top of the main one, each with its own weight
 HEADERS = ["adapter", "recipe", "base", "steps", "trigger", "created", "status"]
+# Small models make small images: show them large, with visible pixels rather than blur.
+CSS = """
+#base-image img, #adapted-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#sweep-image img, #run-preview img { image-rendering: pixelated; }
+"""
 
 
 # ---- handlers' plumbing ----------------------------------------------------------------------
@@ -130,7 +135,10 @@ class _Handlers:
         txt.write_text(text)
         status = (f"seed **{settings.seed}** · {settings.steps} steps · {settings.sampler} · CFG {settings.cfg:g} · "
                   f"{base_img.width}px · " + ", ".join(f"{n} ×{w:g}" for n, w in selection.adapters))
-        return (base_img, adapted, previews or None, str(txt.with_suffix(".png")), text, str(txt), status)
+        import gradio as gr
+
+        shown = gr.update(value=previews or None, visible=bool(previews))
+        return (base_img, adapted, shown, str(txt.with_suffix(".png")), text, str(txt), status)
 
     def sweep(self, n_seeds, *values, progress=None):
         selection, settings = self.unpack(values)
@@ -211,7 +219,11 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
                     adapter = gr.Dropdown(choices, value=first.name if first else None, label="Adapter", scale=4,
                                           allow_custom_value=True, elem_id="adapter")
                     refresh = gr.Button("↻ Refresh", scale=1, size="sm", elem_id="refresh")
-                info = gr.Markdown(elem_id="adapter-info")
+                start = h.describe(first.name, first.trigger) if first else ("Train an adapter with `adapt train` "
+                                                                             "(or `adapt demo`), then press refresh.",)
+                info = gr.Markdown(start[0], elem_id="adapter-info")
+                run_preview = gr.Image(start[2] if first else None, label="Its training preview", type="pil",
+                                       interactive=False, height=140, elem_id="run-preview")
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")
                 slots = [adapter, scale]
                 with gr.Accordion("Stack more adapters (per-adapter weight)", open=False):
@@ -222,7 +234,7 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
                             slots.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="weight", scale=2))
                 groups, extra_inputs = [], []
                 for recipe in dict.fromkeys(r for r, _ in recipe_inputs):
-                    with gr.Group(visible=False) as group:
+                    with gr.Group(visible=bool(first) and first.recipe == recipe) as group:
                         gr.Markdown(f"**{recipe}** inputs")
                         extra_inputs += [_input_component(s) for r, s in recipe_inputs if r == recipe]
                     groups.append(group)
@@ -231,7 +243,7 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
                 negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", scale=3)
-                    dice = gr.Button("🎲 Random", size="sm", scale=1, elem_id="random-seed")
+                    dice = gr.Button("Random seed", size="sm", scale=1, elem_id="random-seed")
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps")
                 cfg = gr.Slider(0.0, 20.0, value=5.0, step=0.5, label="CFG scale", elem_id="cfg")
                 sampler = gr.Dropdown(sampler_names(), value="ddim", label="Sampler", elem_id="sampler")
@@ -242,15 +254,17 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
                     go = gr.Button("Generate", variant="primary", elem_id="generate", interactive=bool(first))
                     status = gr.Markdown(elem_id="status")
                     with gr.Row():
-                        base_img = gr.Image(label="Base", type="pil", format="png", interactive=False, elem_id="base-image")
-                        adapted_img = gr.Image(label="Adapted", type="pil", format="png", interactive=False,
+                        base_img = gr.Image(label="Base", type="pil", format="png", interactive=False, height=340,
+                                            elem_id="base-image")
+                        adapted_img = gr.Image(label="Adapted", type="pil", format="png", interactive=False, height=340,
                                                elem_id="adapted-image")
                     previews = gr.Gallery(label="Recipe inputs as the model sees them", format="png", columns=4,
-                                          height=160, elem_id="recipe-previews")
+                                          height=160, visible=False, elem_id="recipe-previews")
                     with gr.Row():
                         pair_file = gr.DownloadButton("Download side-by-side PNG", elem_id="download-pair")
                         repro_file = gr.DownloadButton("Download reproduce.txt", elem_id="download-reproduce")
-                    repro = gr.Code(label="Reproduce with `adapt sample`", language="shell", lines=3, elem_id="reproduce")
+                    repro = gr.Code(label="Reproduce with `adapt sample`", language="shell", lines=3, wrap_lines=True,
+                                    elem_id="reproduce")
                 with gr.Tab("Strength sweep"):
                     gr.Markdown(f"Columns: adapter scale {' → '.join(f'{s:g}' for s in SWEEP_SCALES)}; rows: seeds "
                                 "seed, seed+1, … (every weight is multiplied by the column's scale).")
@@ -260,8 +274,6 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
                     sweep_file = gr.DownloadButton("Download grid PNG", elem_id="download-grid")
                 with gr.Tab("Adapters"):
                     table = gr.Dataframe(rows or None, headers=HEADERS, interactive=False, elem_id="runs-table")
-                    run_preview = gr.Image(label="Training preview of the selected adapter", type="pil",
-                                           interactive=False, elem_id="run-preview")
 
         generation_inputs = [*slots, prompt, negative, seed, steps, cfg, sampler, size, *extra_inputs]
 
@@ -315,7 +327,7 @@ def parse_auth(text: str | None):
 def launch(app, host: str = "127.0.0.1", port: int | None = None, share: bool = False, auth=None, block: bool = True):
     app.queue(default_concurrency_limit=1, max_size=32)
     return app.launch(server_name=host, server_port=port, share=share, auth=auth, prevent_thread_lock=not block,
-                      max_file_size="20mb", show_error=False, quiet=not block, footer_links=["api"])
+                      max_file_size="20mb", show_error=False, quiet=not block, footer_links=["api"], css=CSS)
 
 
 def run(args: argparse.Namespace) -> int:
