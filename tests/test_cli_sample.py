@@ -9,10 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adapt.cli import main
 from adapt.infer import sampler_names
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all overhead: one intra-op thread is ~15x cheaper in CPU time on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def sample(base_dir, out: Path, *extra: str, seed: int = 1, prompt: str = "a red square") -> int:
@@ -162,7 +172,7 @@ def _console_script() -> str | None:
 @pytest.mark.skipif(_console_script() is None, reason="the `adapt` console script is not installed")
 def test_console_script_user_error_exit_code_and_no_traceback(tmp_path):
     missing = tmp_path / "nowhere"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([_console_script(), "sample", "--base", str(missing), "--prompt", "x", "--steps", "2",
                            "--out", str(tmp_path / "x.png")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr

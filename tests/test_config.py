@@ -1,6 +1,7 @@
 """Typed config: YAML loading, dotted overrides, and every user error naming file, key and fix.
 
-A throwaway recipe (`dummy_test`) is registered here so these tests do not depend on any real recipe.
+A throwaway recipe (`dummy_test`) is registered while this module runs, so these tests do not depend on
+any real recipe.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ class DummyConfig(Section):
         return self
 
 
-@register_recipe("dummy_test")
 class DummyRecipe(Recipe):
     """Throwaway recipe for config tests."""
 
@@ -38,6 +38,16 @@ class DummyRecipe(Recipe):
     def check_config(cls, cfg) -> None:
         if cfg.data.resolution % 8:
             raise ConfigError(f"{cfg.source}: data.resolution={cfg.data.resolution} must be a multiple of 8 for dummy_test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _dummy_recipe():
+    """Registered only while this module runs: other suites iterate over every registered recipe."""
+    from adapt.recipes import _REGISTRY
+
+    register_recipe("dummy_test")(DummyRecipe)
+    yield
+    _REGISTRY.pop("dummy_test", None)
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
