@@ -239,7 +239,7 @@ def train_unet(unet, text_encoder, scheduler, lat_mean, lat_std, tokens, n_full,
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up as in diffusers' EMAModel
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+        if step % cfg.log_every == 0 or step == cfg.unet_steps or step == 1:
             avg = loss.item() if avg is None else 0.9 * avg + 0.1 * loss.item()
             log(f"unet step {step}/{cfg.unet_steps} loss {avg:.4f} lr {lr:.2e} {minutes:.1f} min")
         if cfg.max_minutes and minutes >= cfg.max_minutes:
@@ -250,18 +250,20 @@ def train_unet(unet, text_encoder, scheduler, lat_mean, lat_std, tokens, n_full,
             p.copy_(e)
     unet.eval()
     text_encoder.eval()
+    return {"unet_steps_done": step, "unet_loss": avg, "unet_minutes": round(minutes, 2)}
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, fp16: bool = True) -> None:
-    """Write a diffusers folder; weights in fp16 (loading with torch_dtype=float32 upcasts them)."""
+    """Write a diffusers folder.  UNet and VAE weights go in fp16 (diffusers upcasts them to
+    fp32 on load); the text encoder stays fp32 because transformers keeps a checkpoint's
+    dtype by default, and a half text encoder feeding a float UNet breaks plain loading."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).cpu(), text_encoder=copy.deepcopy(text_encoder).cpu(), tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).cpu(), scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+        vae=copy.deepcopy(vae).cpu().to(dtype), text_encoder=copy.deepcopy(text_encoder).cpu().float(),
+        tokenizer=tokenizer, unet=copy.deepcopy(unet).cpu().to(dtype), scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if fp16:
-        pipe.to(torch.float16)
     pipe.save_pretrained(str(out), safe_serialization=True)
 
 
@@ -295,7 +297,7 @@ def build_base(cfg: BuildConfig) -> dict:
 
     tokens, n_full = caption_tokens(base_labels, tokenizer, cfg.seed)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
-    train_unet(unet, text_encoder, scheduler, lat_mean, lat_std, tokens.to(dev), n_full, scale, cfg, gen)
+    info.update(train_unet(unet, text_encoder, scheduler, lat_mean, lat_std, tokens.to(dev), n_full, scale, cfg, gen))
     save_pipeline(out, vae, text_encoder, tokenizer, unet)
     info.update(scaling_factor=scale, seed=cfg.seed, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
                 batch=cfg.batch, minutes=round((time.time() - t0) / 60, 2),
