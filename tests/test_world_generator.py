@@ -90,3 +90,38 @@ def test_caption_names_shape_colour_position_and_trigger_only_for_style():
     assert g.caption(striped, rng).endswith(g.STYLE_TRIGGER)
     partial = g.caption(g.Labels("star", "red", "black", "top", "large"), rng, omit=("shape", "size"))
     assert partial.removeprefix("a photo of ") == "a red shape at the top on a black background"
+
+
+def test_detail_and_control_renders():
+    lab = g.Labels("circle", "blue", "white", "center", "large")
+    plain, detail = np.asarray(g.render(lab)).astype(int), np.asarray(g.render_detail(lab)).astype(int)
+    assert np.array_equal(np.asarray(g.render_detail(lab)), detail)  # deterministic
+    assert np.abs(plain - detail).mean() > 5  # the detail really changes pixels
+    control = np.asarray(g.render_control(lab))
+    assert control.shape == (64, 64, 3) and set(np.unique(control)) <= {0, 255}
+    assert ((control[..., 0] == 255) == g.render_mask(lab)).all()
+
+
+def test_make_packs_writes_folders_captions_and_dataset_files(tmp_path):
+    import yaml
+
+    from adapt.world.packs import SIZES, make_packs
+
+    packs = make_packs(out=tmp_path / "packs", cfg_dir=tmp_path / "cfg", seed=0)
+    assert set(packs) == {"style", "subject", "control", "decoder"}
+    counts = {name: len(list(folder.glob("*.png"))) for name, folder in packs.items()}
+    assert counts == {k: SIZES[k] for k in packs}
+    assert len(list((packs["decoder"] / "heldout").glob("*.png"))) == SIZES["decoder_heldout"]
+    for name, folder in packs.items():
+        for png in folder.glob("*.png"):
+            assert png.with_suffix(".txt").is_file()
+        cfg = yaml.safe_load((tmp_path / "cfg" / f"tinyworld-{name}.yaml").read_text())
+        sub = cfg["subsets"][0]
+        assert (tmp_path / "cfg" / sub["path"]).resolve() == folder.resolve()
+        if name == "control":
+            cond = (tmp_path / "cfg" / sub["conditioning_path"]).resolve()
+            assert sorted(p.name for p in cond.glob("*.png")) == sorted(p.name for p in folder.glob("*.png"))
+    style = [p.read_text() for p in packs["style"].glob("*.txt")]
+    subject = [p.read_text() for p in packs["subject"].glob("*.txt")]
+    assert all(g.STYLE_TRIGGER in t for t in style)
+    assert all(g.SUBJECT_TOKEN in t and g.NOVEL_SHAPES[0] not in t for t in subject)

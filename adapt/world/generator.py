@@ -41,6 +41,11 @@ STYLES = ("plain", "striped")
 # The style pack's trigger phrase: a made-up word so the base text encoder has
 # no prior for it; base-world captions never contain it.
 STYLE_TRIGGER = "in zzstripe style"
+# The subject pack: one novel shape in one colour, named by a rare identifier
+# plus a class noun the base knows (DreamBooth, Ruiz et al. 2023).
+SUBJECT_TOKEN = "sks"
+SUBJECT_CLASS = "shape"
+SUBJECT_COLOR = "red"
 
 # Shape centre (fraction of the image side) for each position; far enough
 # apart that a large shape at "left" and one at "center" barely overlap.
@@ -200,6 +205,49 @@ def generate(n: int, seed: int, **fixed) -> list[tuple[Image.Image, str, Labels]
         labels = sample_labels(rng, **fixed)
         out.append((render(labels), caption(labels, rng), labels))
     return out
+
+
+def subject_caption(labels: Labels, token: str = SUBJECT_TOKEN) -> str:
+    """The subject pack's caption: identifier + class noun in place of the shape word."""
+    return f"a {labels.size} {token} {SUBJECT_CLASS} at the {labels.position} on a {labels.background} background"
+
+
+def render_control(labels: Labels, size: int = 64) -> Image.Image:
+    """The control map of labels: the shape's silhouette, white on black (RGB)."""
+    return Image.fromarray((render_mask(labels, size) * 255).astype(np.uint8)).convert("RGB")
+
+
+# 3x5 bitmaps of a few letter-like glyphs for the decoder pack's "text" (rows top to bottom).
+_GLYPHS = ("111101111101101", "110101110101110", "111100100100111", "101101111101101", "111010010010111",
+           "100100100100111", "111101101101111", "111100111001111")
+
+
+def render_detail(labels: Labels, size: int = 64) -> Image.Image:
+    """`render(labels)` plus fine detail that a 4x-downsampling VAE trained on the plain
+    world reconstructs poorly: a 1-2 px checker inside the shape, 1 px hairlines on the
+    background and a line of tiny glyphs.  Deterministic (the detail is seeded by the labels)."""
+    rng = random.Random(f"detail:{labels}")
+    img = np.asarray(render(labels, size), dtype=np.float32).copy()
+    cover = _coverage(labels, size)[..., None]
+    yy, xx = np.mgrid[0:size, 0:size]
+    cell = rng.choice((1, 2))
+    checker = (((yy // cell) + (xx // cell)) % 2 == 0)[..., None]
+    tint = 0.45 * np.array(COLORS[labels.color], dtype=np.float32) + 0.55 * 255
+    img = np.where(checker, cover * tint + (1 - cover) * img, img)
+    bg = np.array(BACKGROUNDS[labels.background], dtype=np.float32)
+    ink = np.full(3, 0.0 if bg.mean() > 110 else 255.0, dtype=np.float32)
+    period, vertical = rng.choice((3, 4, 5)), rng.random() < 0.5
+    lines = ((xx if vertical else yy) % period == 0)[..., None]
+    img = np.where(lines & (cover < 0.01), 0.5 * ink + 0.5 * bg, img)
+    # A "word" of glyphs in a band at the top or bottom edge (spacing 1 px).
+    y0 = rng.choice((1, size - 7))
+    x = rng.randint(1, 6)
+    while x + 3 < size - 1:
+        glyph = np.array([int(c) for c in rng.choice(_GLYPHS)], dtype=bool).reshape(5, 3)
+        on = glyph & (cover[y0:y0 + 5, x:x + 3, 0] < 0.01)
+        img[y0:y0 + 5, x:x + 3][on] = ink
+        x += 4 + (rng.random() < 0.2) * 3  # occasional word gap
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
 
 def with_labels(labels: Labels, **changes) -> Labels:
