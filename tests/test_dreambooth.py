@@ -35,8 +35,8 @@ def _listing(folder):
     return sorted((p.name, p.stat().st_size) for p in folder.iterdir())
 
 
-def _pixels(pipe, prompts, seeds=(1, 2)):
-    images = generate(pipe, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), steps=4)
+def _pixels(pipe, prompts, seeds=(1, 2), steps=4):
+    images = generate(pipe, [p for p in prompts for _ in seeds], list(seeds) * len(prompts), steps=steps)
     return np.stack([np.asarray(im) for im in images]).astype(np.int16)
 
 
@@ -210,16 +210,37 @@ def _dataset(cfg):
 
 
 # ---- the claim, shortened ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_prior_preservation_keeps_class_outputs_closer_to_the_base(tiny_base_dir, tmp_path):
-    """Ruiz et al.'s language drift, in miniature: training 'a sks square' on red squares drags 'a square' along;
-    the class loss holds it near the base's own 'a square'."""
-    subject = make_image_folder(tmp_path / "red", n=4, size=32, seed=2)
-    base_px = _pixels(BaseModel.load(str(tiny_base_dir)).pipeline(), [CLASS_PROMPT], seeds=(1, 2, 3, 4))
+    """Ruiz et al.'s language drift, in miniature: training 'a sks square' on white discs drags 'a square' along;
+    the class loss holds it near the base's own 'a square'.
+
+    The prior loss keeps a model where it already denoises its own class samples well, which a randomly
+    initialised fixture does not; so the fixture first learns 'a square' (100 full fine-tune steps on coloured
+    squares, through this very recipe), and that model is the base of the two DreamBooth runs.  Across seeds 3-6
+    and lr 2e-4..5e-4 the prior run's drift was 0.75-0.91 of the other run's (measured while writing this test).
+    """
+    from PIL import Image, ImageDraw
+
+    squares = make_image_folder(tmp_path / "squares", n=8, size=32, seed=0)
+    pre = _cfg(tiny_base_dir, squares, tmp_path, "pretrained", steps=100, mode="full", identifier="square",
+               instance_prompt=CLASS_PROMPT, prior_loss_weight=0.0, class_prompt=None)
+    pre.train.batch_size, pre.train.lr, pre.train.seed = 4, 1e-3, 4
+    base_dir = train(pre)
+    subject = tmp_path / "discs"
+    subject.mkdir()
+    for i in range(4):
+        im, x = Image.new("RGB", (32, 32), (10, 10, 10)), 4 + 3 * i
+        ImageDraw.Draw(im).ellipse([x, x, x + 16, x + 16], fill=(250, 250, 250))
+        im.save(subject / f"s{i}.png")
+        (subject / f"s{i}.txt").write_text("a sks square")
+    seeds = tuple(range(8))
+    base_px = _pixels(BaseModel.load(str(base_dir)).pipeline(), [CLASS_PROMPT], seeds=seeds, steps=8)
     drift = {}
     for weight in (1.0, 0.0):
-        cfg = _cfg(tiny_base_dir, subject, tmp_path, f"prior{weight}", steps=12, mode="full", prior_loss_weight=weight)
-        cfg.train.lr = 2e-4
-        run = train(cfg)
-        pipe = attach(BaseModel.load(str(tiny_base_dir)).pipeline(), run)
-        drift[weight] = float(np.abs(_pixels(pipe, [CLASS_PROMPT], seeds=(1, 2, 3, 4)) - base_px).mean())
+        cfg = _cfg(base_dir, subject, tmp_path, f"prior{weight}", steps=10, mode="full", prior_loss_weight=weight,
+                   num_class_images=8, class_steps=8, class_batch_size=8)
+        cfg.train.batch_size, cfg.train.lr, cfg.train.seed = 4, 5e-4, 4
+        pipe = attach(BaseModel.load(str(base_dir)).pipeline(), train(cfg))
+        drift[weight] = float(np.abs(_pixels(pipe, [CLASS_PROMPT], seeds=seeds, steps=8) - base_px).mean())
     assert drift[1.0] < drift[0.0], drift
