@@ -8,6 +8,7 @@ the pipeline's layers (names, shapes, model family).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -181,15 +182,21 @@ def write_adapters(adapters: dict[str, ModuleAdapter], path: Path, fmt: str, dty
     state = to_diffusers(adapters) if fmt == "diffusers" else to_kohya(adapters)
     state = {k: (v.to(DTYPES[dtype]) if v.dim() else v.float()) for k, v in state.items()}
     path = Path(path)
-    atomic_save(state, path, metadata=metadata_json(metadata or {}))
+    # Written and checked under a hidden name, renamed only when it is right: a bad export never replaces a good file.
+    check = path.with_name(f".{path.name}.check")
+    atomic_save(state, check, metadata=metadata_json(metadata or {}))
     paths = {c: {} for c in ("unet", "text_encoder")}
     for p, ad in adapters.items():  # the written names map back through the trained layers' own paths
         c, _, inner = p.partition(".")
         paths[c][inner] = (ad.out_in()[0], ad.out_in()[1])
-    got = resolve(parse_file(path), paths)
-    err = compare(adapters, got)
+    try:
+        err = compare(adapters, resolve(parse_file(check), paths))
+    except Exception:
+        check.unlink(missing_ok=True)
+        raise
     if err > TOLERANCE[dtype]:
-        path.unlink(missing_ok=True)
+        check.unlink(missing_ok=True)
         raise AdapterFileError(f"{path}: the written adapter implies weight changes that differ from the trained ones "
-                               f"by {err:.2e} (relative; tolerance for {dtype} is {TOLERANCE[dtype]:.0e}); nothing kept.")
+                               f"by {err:.2e} (relative; tolerance for {dtype} is {TOLERANCE[dtype]:.0e}); nothing written.")
+    os.replace(check, path)
     return err

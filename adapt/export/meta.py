@@ -19,6 +19,8 @@ def training_metadata(run: dict, adapters: dict[str, ModuleAdapter]) -> dict[str
     kind = kinds[0] if len(kinds) == 1 else "mixed"
     ranks = sorted({a.rank for a in adapters.values() if a.rank})
     alpha = next((a.scale * a.rank for a in adapters.values() if a.rank), None)
+    if not ranks and run.get("adapt.rank"):  # LoKr with two full factors has no inner rank: report the configured one
+        ranks, alpha = [int(run["adapt.rank"])], float(run.get("adapt.alpha") or run["adapt.rank"])
     dora = any(a.magnitude is not None for a in adapters.values())
     res = run.get("resolution")
     triggers = [t.strip() for t in str(run.get("trigger") or "").split(",") if t.strip()]
