@@ -25,7 +25,16 @@ from adapt.train.trainer import train
 # recipe name -> list of (case id, recipe section, extra overrides, data roles)
 CASES: dict[str, list[tuple[str, dict, list[str], tuple[str, ...]]]] = {
     "lora": [("lora", {"rank": 4}, [], ("instance",)),
-             ("lora-te-dora", {"rank": 4, "use_dora": True, "train_text_encoder": True}, [], ("instance",))],
+             ("lora-te-dora", {"rank": 4, "use_dora": True, "train_text_encoder": True}, [], ("instance",)),
+             ("loha", {"rank": 4, "type": "loha"}, [], ("instance",)),
+             ("lokr", {"rank": 4, "type": "lokr"}, [], ("instance",))],
+    "dreambooth": [
+        ("dreambooth-lora", {"instance_prompt": "a sks square", "class_prompt": "a square", "num_class_images": 2,
+                             "class_steps": 2, "lora": {"rank": 4}}, [], ("instance",)),
+        ("dreambooth-full", {"mode": "full", "instance_prompt": "a sks square", "class_prompt": "a square",
+                             "num_class_images": 2, "class_steps": 2}, ["train.lr=1e-4"], ("instance",))],
+    "controlnet": [("controlnet", {}, [], ("control",))],
+    "vae_decoder": [("vae_decoder", {}, ["train.lr=1e-3"], ("instance",))],
 }
 PROMPT = "a red square"
 
@@ -105,7 +114,9 @@ def test_recipe_contract(name, section, overrides, roles, tiny_base_dir, tmp_pat
     live = _pixels(live_pipe, live_extra)
     fresh = attach(BaseModel.load(str(tiny_base_dir)).pipeline(), run_dir, scale=1.0)
     reloaded = _pixels(fresh, getattr(fresh, "_adapt_generate_kwargs", None))
-    assert np.abs(reloaded - live).max() <= 2, "the saved artifact does not reproduce the trained model"
+    # Same weights through a different code path (e.g. peft scale kwargs vs loaded adapters): float round-off only.
+    diff = np.abs(reloaded - live)
+    assert diff.max() <= 4 and diff.mean() < 0.5, f"the saved artifact does not reproduce the trained model ({diff.max()})"
     assert (run_dir / "adapt_run.json").is_file() and (run_dir / "config.yaml").is_file()
     saved_cfg = load_config(None, [], raw=yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert saved_cfg.recipe == name
