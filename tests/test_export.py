@@ -17,7 +17,10 @@ TYPES = {"lora": {"type": "lora", "train_text_encoder": True}, "dora": {"type": 
 FORMATS = ("diffusers", "kohya", "comfyui")
 PIXEL_TOL = {"fp32": 1, "fp16": 2}  # uint8 levels; the fp32 paths differ only in float summation order
 DELTA_TOL = {"fp32": 1e-5, "fp16": 4e-3}
-MEASURED = {}  # (type, format, dtype) -> max relative delta error; printed at the end of the module (-s)
+MEASURED = {}
+# The tests below share 4 short training runs (~40 s of CPU on an idle 2-core machine, several minutes when it is
+# shared); the hand-made-file and bad-input tests need none and stay in the quick set.
+SLOW = pytest.mark.slow  # (type, format, dtype) -> max relative delta error; printed at the end of the module (-s)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,7 @@ def _max_rel(expected: dict, got: dict) -> float:
 
 
 @pytest.mark.parametrize("kind", list(TYPES))
+@SLOW
 def test_round_trip_every_format(kind, runs, trained, tiny_base_dir, tmp_path):
     run_dir, _ = runs[kind]
     image, changes, weights = trained[kind]
@@ -111,6 +115,7 @@ def test_round_trip_every_format(kind, runs, trained, tiny_base_dir, tmp_path):
     assert np.abs(_image(attach(_pipe(tiny_base_dir), run_dir, scale=1.0)) - image).max() <= 1
 
 
+@SLOW
 def test_kohya_names_and_header(runs, tmp_path):
     from safetensors import safe_open
 
@@ -134,6 +139,7 @@ def test_kohya_names_and_header(runs, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@SLOW
 def test_plain_diffusers_loads_lora_exports(fmt, runs, trained, tiny_base_dir, tmp_path):
     path, _ = export(runs["lora"][0], fmt, dtype="fp32", out=tmp_path / f"lora-{fmt}.safetensors")
     pipe = _pipe(tiny_base_dir)
@@ -142,6 +148,7 @@ def test_plain_diffusers_loads_lora_exports(fmt, runs, trained, tiny_base_dir, t
     assert np.abs(_image(pipe) - trained["lora"][0]).max() <= 1
 
 
+@SLOW
 def test_what_plain_diffusers_does_with_dora_loha_lokr(runs, trained, tiny_base_dir, tmp_path):
     """diffusers reads DoRA in its own format; it drops kohya's dora_scale (plain LoRA remains); LoHa/LoKr: refused."""
     path, _ = export(runs["dora"][0], "diffusers", dtype="fp32", out=tmp_path / "dora-d.safetensors")
@@ -227,6 +234,7 @@ def test_handmade_lycoris_loha_and_lokr(tiny_base_dir, tmp_path):
 
 # ---- merging -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["lora", "loha"])
+@SLOW
 def test_merge_matches_base_plus_adapter(kind, runs, tiny_base_dir, tmp_path):
     run_dir, _ = runs[kind]
     out = merge(run_dir, tmp_path / "merged", scale=0.7, single_file=kind == "lora")
@@ -278,6 +286,7 @@ def test_unknown_keys_and_layers(tiny_base_dir, tmp_path):
         attach(_pipe(tiny_base_dir), path)
 
 
+@SLOW
 def test_truncated_file(runs, tmp_path):
     good, _ = export(runs["lora"][0], "kohya", out=tmp_path / "good.safetensors")
     data = good.read_bytes()
@@ -290,6 +299,7 @@ def test_truncated_file(runs, tmp_path):
     assert not (tmp_path / "x.safetensors").exists() and good.read_bytes() == data
 
 
+@SLOW
 def test_failed_check_keeps_previous_file(runs, tmp_path, monkeypatch):
     import adapt.export.files as files
 
@@ -309,6 +319,7 @@ def test_failed_check_keeps_previous_file(runs, tmp_path, monkeypatch):
     assert good.read_bytes() == before and not list(tmp_path.glob(".*check*"))
 
 
+@SLOW
 def test_cli_export_and_config_checks(runs, tmp_path, capsys):
     from adapt.cli import main
     from adapt.config import load_config
