@@ -109,7 +109,7 @@ def test_discovery_marks_each_run_usable_or_why_not(world, tiny_base_dir):
     assert runs[world["good"]].usable and runs["twin"].usable and runs["twin"].trigger == "zqx"
     assert "sd2" in runs["sd2-run"].reason and not runs["sd2-run"].usable
     assert "pickle" in runs["pickled"].reason
-    assert "outside" in runs["sneaky"].reason
+    assert "outside" in runs["sneaky"].reason and runs["sneaky"].preview is None  # nothing read from outside
     assert runs[world["good"]].preview is not None  # the training preview grid is shown
 
 
@@ -272,3 +272,19 @@ def test_recipe_ui_hook_default_routes_values():
     with pytest.raises(ConfigError, match="Control image"):
         WithInputs.ui_prepare(Path("."), {}, 32, 32)
     assert Recipe.ui_prepare(Path("."), {"x": 1}, 32, 32) == ({}, {}, [])
+
+
+def test_app_draws_the_inputs_a_recipe_declares_and_routes_their_values(served, world, monkeypatch):
+    import ui.app as ui_app
+    from adapt.recipes import UIInput
+
+    declared = [("lora", UIInput("control_note", "text", "A recipe input")), ("elsewhere", UIInput("k", "slider", "K"))]
+    monkeypatch.setattr(ui_app, "_recipe_inputs", lambda: declared)
+    app, _ = served
+    built = ui_app.build_app(engine=app.adapt_engine)
+    ids = {c.get("props", {}).get("elem_id") for c in built.config["components"]}
+    assert {"input-control_note", "input-k"} <= ids
+    values = [world["good"], 1.0, None, 1.0, None, 1.0, "p", "", 1, STEPS, 5.0, "ddim", 32, "hello", 0.3]
+    selection, settings = built.adapt_handlers.unpack(values)
+    assert selection.inputs == {"lora": {"control_note": "hello"}}  # only recipes of the selected adapters
+    assert selection.adapters == [(world["good"], 1.0)] and settings.steps == STEPS and settings.size == 32

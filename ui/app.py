@@ -10,9 +10,11 @@ is selected.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -201,7 +203,9 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
 
     engine = engine or Engine(base, runs_dir, device)
     recipe_inputs = _recipe_inputs()
-    h = _Handlers(engine, recipe_inputs, Path(tempfile.mkdtemp(prefix="adapt-ui-")))
+    out_dir = Path(tempfile.mkdtemp(prefix="adapt-ui-"))  # downloads; Gradio serves copies from its own cache
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
+    h = _Handlers(engine, recipe_inputs, out_dir)
     runs, rows = h.runs_table()
     choices = [(r.label(), r.name) for r in runs]
     first = next((r for r in runs if r.usable), None)

@@ -30,6 +30,7 @@ class RunInfo:
     path: Path                # resolved folder
     meta: dict = field(default_factory=dict)
     reason: str = ""          # why it cannot be used with the loaded base ("" = usable)
+    inside: bool = True       # False: the folder (a symlink) resolves outside the runs root; nothing is read from it
 
     @property
     def usable(self) -> bool:
@@ -46,7 +47,7 @@ class RunInfo:
     @property
     def preview(self) -> Optional[Path]:
         name = self.meta.get("preview")
-        if not name:
+        if not name or not self.inside:
             return None
         candidate = (self.path / str(name)).resolve()
         return candidate if _inside(candidate, self.path) and candidate.is_file() else None
@@ -128,7 +129,7 @@ def discover_runs(runs_dir: str | Path, base_facts: dict) -> list[RunInfo]:
         resolved = folder.resolve()
         info = RunInfo(name=name, path=resolved)
         if not _inside(resolved, root):
-            info.reason = "links outside the runs folder"
+            info.reason, info.inside = "links outside the runs folder", False
         else:
             try:
                 info.meta = json.loads(meta_file.read_text(encoding="utf-8"))
