@@ -195,11 +195,113 @@ class _Handlers:
         return [gr.update(visible=r in recipes) for r in seen]
 
 
-def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = None, engine: Engine | None = None):
-    """The app as a gr.Blocks (not launched).  `base`: a path (default: the embedded tiny base) or a BaseModel."""
+def _controls(ui, h, choices, first, recipe_inputs, native: int, multiple: int) -> None:
+    """The left column: adapters (main, stacked, recipe inputs) and generation settings, stored on `ui`."""
     import gradio as gr
 
     from adapt.infer import sampler_names
+
+    # allow_custom_value: the server checks every name itself (ui.runs.resolve_run refuses anything outside the
+    # runs folder); Gradio's own check would use the choices frozen at build time.
+    with gr.Row():
+        ui.adapter = gr.Dropdown(choices, value=first.name if first else None, label="Adapter", scale=4,
+                                 allow_custom_value=True, elem_id="adapter")
+        ui.refresh = gr.Button("↻ Refresh", scale=1, size="sm", elem_id="refresh")
+    start = h.describe(first.name, first.trigger) if first else (
+        "Train an adapter with `adapt train` (or `adapt demo`), then press refresh.", "", None)
+    ui.info = gr.Markdown(start[0], elem_id="adapter-info")
+    ui.run_preview = gr.Image(start[2], label="Its training preview", type="pil", interactive=False, height=140,
+                              elem_id="run-preview")
+    ui.slots = [ui.adapter, gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")]
+    with gr.Accordion("Stack more adapters (per-adapter weight)", open=False):
+        for i in range(EXTRA_SLOTS):
+            with gr.Row():
+                ui.slots.append(gr.Dropdown(choices, value=None, label=f"Also apply #{i + 1}", scale=3,
+                                            allow_custom_value=True, elem_id=f"extra-{i + 1}"))
+                ui.slots.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="weight", scale=2))
+    ui.groups, ui.extra_inputs = [], []
+    for recipe in dict.fromkeys(r for r, _ in recipe_inputs):
+        with gr.Group(visible=bool(first) and first.recipe == recipe) as group:
+            gr.Markdown(f"**{recipe}** inputs")
+            ui.extra_inputs += [_input_component(s) for r, s in recipe_inputs if r == recipe]
+        ui.groups.append(group)
+    ui.prompt = gr.Textbox(value=(first.trigger if first else ""), label="Prompt", lines=2, elem_id="prompt",
+                           placeholder="a red circle on a blue background")
+    ui.negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+    with gr.Row():
+        ui.seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", scale=3)
+        ui.dice = gr.Button("Random seed", size="sm", scale=1, elem_id="random-seed")
+    ui.settings = [gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps"),
+                   gr.Slider(0.0, 20.0, value=5.0, step=0.5, label="CFG scale", elem_id="cfg"),
+                   gr.Dropdown(sampler_names(), value="ddim", label="Sampler", elem_id="sampler"),
+                   gr.Slider(multiple, max(native * 2, multiple), value=native, step=multiple, label="Size (px)",
+                             elem_id="size")]
+
+
+def _outputs(ui, rows, enabled: bool) -> None:
+    """The right column: side by side, strength sweep, the adapters table, stored on `ui`."""
+    import gradio as gr
+
+    with gr.Tab("Side by side"):
+        ui.go = gr.Button("Generate", variant="primary", elem_id="generate", interactive=enabled)
+        ui.status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            ui.base_img = gr.Image(label="Base", type="pil", format="png", interactive=False, height=340,
+                                   elem_id="base-image")
+            ui.adapted_img = gr.Image(label="Adapted", type="pil", format="png", interactive=False, height=340,
+                                      elem_id="adapted-image")
+        ui.previews = gr.Gallery(label="Recipe inputs as the model sees them", format="png", columns=4, height=160,
+                                 visible=False, elem_id="recipe-previews")
+        with gr.Row():
+            ui.pair_file = gr.DownloadButton("Download side-by-side PNG", elem_id="download-pair")
+            ui.repro_file = gr.DownloadButton("Download reproduce.txt", elem_id="download-reproduce")
+        ui.repro = gr.Code(label="Reproduce with `adapt sample`", language="shell", lines=3, wrap_lines=True,
+                           elem_id="reproduce")
+    with gr.Tab("Strength sweep"):
+        gr.Markdown(f"Columns: adapter scale {' → '.join(f'{s:g}' for s in SWEEP_SCALES)}; rows: seeds seed, seed+1, "
+                    "… (every weight is multiplied by the column's scale).")
+        ui.n_seeds = gr.Slider(1, 4, value=2, step=1, label="Seeds (rows)", elem_id="sweep-seeds")
+        ui.go_sweep = gr.Button("Run sweep", variant="primary", elem_id="sweep", interactive=enabled)
+        ui.sweep_img = gr.Image(label="Sweep", type="pil", format="png", interactive=False, elem_id="sweep-image")
+        ui.sweep_file = gr.DownloadButton("Download grid PNG", elem_id="download-grid")
+    with gr.Tab("Adapters"):
+        ui.table = gr.Dataframe(rows or None, headers=HEADERS, interactive=False, elem_id="runs-table")
+
+
+def _wire(ui, h, recipe_inputs) -> None:
+    """Events: generation through the queue (named API endpoints), refresh, adapter info, recipe groups."""
+    import gradio as gr
+
+    inputs = [*ui.slots, ui.prompt, ui.negative, ui.seed, *ui.settings, *ui.extra_inputs]
+    names = ["adapter", "scale"] + [f"{k}_{i + 1}" for i in range(EXTRA_SLOTS) for k in ("extra", "weight")]
+    names += ["prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "size"]
+    names += [f"{r}_{s.name}" for r, s in recipe_inputs]
+    ui.go.click(_endpoint(h.compare, names), inputs, [ui.base_img, ui.adapted_img, ui.previews, ui.pair_file, ui.repro,
+                                                      ui.repro_file, ui.status], api_name="compare")
+    ui.go_sweep.click(_endpoint(h.sweep, ["n_seeds", *names]), [ui.n_seeds, *inputs], [ui.sweep_img, ui.sweep_file],
+                      api_name="sweep")
+    ui.dice.click(lambda: random.randrange(2**31), None, ui.seed, api_name="random_seed", queue=False)
+    dropdowns = ui.slots[0::2]
+    ui.refresh.click(h.refresh, dropdowns, [*dropdowns, ui.table], api_name="refresh")
+    ui.app.load(h.refresh, dropdowns, [*dropdowns, ui.table], api_visibility="private")
+    ui.adapter.change(h.describe, [ui.adapter, ui.prompt], [ui.info, ui.prompt, ui.run_preview, ui.go, ui.go_sweep],
+                      api_visibility="private")
+    for dd in dropdowns if ui.groups else ():
+        dd.change(h.groups, dropdowns, ui.groups, api_visibility="private")
+
+    def adapters() -> list[dict]:
+        """Every run in the runs folder: name, recipe, metadata, usable, and the reason when not."""
+        return [{"name": r.name, "recipe": r.recipe, "usable": r.usable, "reason": r.reason, "meta": r.meta}
+                for r in h.engine.runs()]
+
+    gr.api(adapters, api_name="adapters")
+
+
+def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = None, engine: Engine | None = None):
+    """The app as a gr.Blocks (not launched).  `base`: a path (default: the embedded tiny base) or a BaseModel."""
+    import types
+
+    import gradio as gr
 
     engine = engine or Engine(base, runs_dir, device)
     recipe_inputs = _recipe_inputs()
@@ -207,102 +309,19 @@ def build_app(base=None, runs_dir: str | Path = "runs", device: str | None = Non
     atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     h = _Handlers(engine, recipe_inputs, out_dir)
     runs, rows = h.runs_table()
-    choices = [(r.label(), r.name) for r in runs]
     first = next((r for r in runs if r.usable), None)
-    native, multiple = engine.base.sample_size, engine.size_multiple
-    facts = engine.facts
-
+    facts, native = engine.facts, engine.base.sample_size
+    ui = types.SimpleNamespace()
     with gr.Blocks(title="adapt — base vs adapted", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        ui.app = app
         gr.Markdown(f"## adapt · base vs adapted\nBase `{facts['base_model']}` ({facts['family']}, "
                     f"{facts['prediction_type']}, {native}px) on {engine.base.device.type} · runs folder `{engine.runs_dir}`")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                # allow_custom_value: the server checks every name itself (ui.runs.resolve_run refuses anything
-                # outside the runs folder); Gradio's own check would use the choices frozen at build time.
-                with gr.Row():
-                    adapter = gr.Dropdown(choices, value=first.name if first else None, label="Adapter", scale=4,
-                                          allow_custom_value=True, elem_id="adapter")
-                    refresh = gr.Button("↻ Refresh", scale=1, size="sm", elem_id="refresh")
-                start = h.describe(first.name, first.trigger) if first else ("Train an adapter with `adapt train` "
-                                                                             "(or `adapt demo`), then press refresh.",)
-                info = gr.Markdown(start[0], elem_id="adapter-info")
-                run_preview = gr.Image(start[2] if first else None, label="Its training preview", type="pil",
-                                       interactive=False, height=140, elem_id="run-preview")
-                scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")
-                slots = [adapter, scale]
-                with gr.Accordion("Stack more adapters (per-adapter weight)", open=False):
-                    for i in range(EXTRA_SLOTS):
-                        with gr.Row():
-                            slots.append(gr.Dropdown(choices, value=None, label=f"Also apply #{i + 1}", scale=3,
-                                                     allow_custom_value=True, elem_id=f"extra-{i + 1}"))
-                            slots.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="weight", scale=2))
-                groups, extra_inputs = [], []
-                for recipe in dict.fromkeys(r for r, _ in recipe_inputs):
-                    with gr.Group(visible=bool(first) and first.recipe == recipe) as group:
-                        gr.Markdown(f"**{recipe}** inputs")
-                        extra_inputs += [_input_component(s) for r, s in recipe_inputs if r == recipe]
-                    groups.append(group)
-                prompt = gr.Textbox(value=(first.trigger if first else ""), label="Prompt", lines=2, elem_id="prompt",
-                                    placeholder="a red circle on a blue background")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                with gr.Row():
-                    seed = gr.Number(0, precision=0, label="Seed", elem_id="seed", scale=3)
-                    dice = gr.Button("Random seed", size="sm", scale=1, elem_id="random-seed")
-                steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps")
-                cfg = gr.Slider(0.0, 20.0, value=5.0, step=0.5, label="CFG scale", elem_id="cfg")
-                sampler = gr.Dropdown(sampler_names(), value="ddim", label="Sampler", elem_id="sampler")
-                size = gr.Slider(multiple, max(native * 2, multiple), value=native, step=multiple, label="Size (px)",
-                                 elem_id="size")
+                _controls(ui, h, [(r.label(), r.name) for r in runs], first, recipe_inputs, native, engine.size_multiple)
             with gr.Column(scale=2):
-                with gr.Tab("Side by side"):
-                    go = gr.Button("Generate", variant="primary", elem_id="generate", interactive=bool(first))
-                    status = gr.Markdown(elem_id="status")
-                    with gr.Row():
-                        base_img = gr.Image(label="Base", type="pil", format="png", interactive=False, height=340,
-                                            elem_id="base-image")
-                        adapted_img = gr.Image(label="Adapted", type="pil", format="png", interactive=False, height=340,
-                                               elem_id="adapted-image")
-                    previews = gr.Gallery(label="Recipe inputs as the model sees them", format="png", columns=4,
-                                          height=160, visible=False, elem_id="recipe-previews")
-                    with gr.Row():
-                        pair_file = gr.DownloadButton("Download side-by-side PNG", elem_id="download-pair")
-                        repro_file = gr.DownloadButton("Download reproduce.txt", elem_id="download-reproduce")
-                    repro = gr.Code(label="Reproduce with `adapt sample`", language="shell", lines=3, wrap_lines=True,
-                                    elem_id="reproduce")
-                with gr.Tab("Strength sweep"):
-                    gr.Markdown(f"Columns: adapter scale {' → '.join(f'{s:g}' for s in SWEEP_SCALES)}; rows: seeds "
-                                "seed, seed+1, … (every weight is multiplied by the column's scale).")
-                    n_seeds = gr.Slider(1, 4, value=2, step=1, label="Seeds (rows)", elem_id="sweep-seeds")
-                    go_sweep = gr.Button("Run sweep", variant="primary", elem_id="sweep", interactive=bool(first))
-                    sweep_img = gr.Image(label="Sweep", type="pil", format="png", interactive=False, elem_id="sweep-image")
-                    sweep_file = gr.DownloadButton("Download grid PNG", elem_id="download-grid")
-                with gr.Tab("Adapters"):
-                    table = gr.Dataframe(rows or None, headers=HEADERS, interactive=False, elem_id="runs-table")
-
-        generation_inputs = [*slots, prompt, negative, seed, steps, cfg, sampler, size, *extra_inputs]
-
-        names = ["adapter", "scale"] + [f"{k}_{i + 1}" for i in range(EXTRA_SLOTS) for k in ("extra", "weight")]
-        names += ["prompt", "negative_prompt", "seed", "steps", "cfg", "sampler", "size"]
-        names += [f"{r}_{s.name}" for r, s in recipe_inputs]
-        go.click(_endpoint(h.compare, names), generation_inputs,
-                 [base_img, adapted_img, previews, pair_file, repro, repro_file, status], api_name="compare")
-        go_sweep.click(_endpoint(h.sweep, ["n_seeds", *names]), [n_seeds, *generation_inputs], [sweep_img, sweep_file],
-                       api_name="sweep")
-        dice.click(lambda: random.randrange(2**31), None, seed, api_name="random_seed", queue=False)
-        adapter_dropdowns = slots[0::2]
-        refresh.click(h.refresh, adapter_dropdowns, [*adapter_dropdowns, table], api_name="refresh")
-        app.load(h.refresh, adapter_dropdowns, [*adapter_dropdowns, table], api_visibility="private")
-        adapter.change(h.describe, [adapter, prompt], [info, prompt, run_preview, go, go_sweep], api_visibility="private")
-        if groups:
-            for dd in adapter_dropdowns:
-                dd.change(h.groups, adapter_dropdowns, groups, api_visibility="private")
-
-        def adapters() -> list[dict]:
-            """Every run in the runs folder: name, recipe, metadata, usable, and the reason when not."""
-            return [{"name": r.name, "recipe": r.recipe, "usable": r.usable, "reason": r.reason, "meta": r.meta}
-                    for r in engine.runs()]
-
-        gr.api(adapters, api_name="adapters")
+                _outputs(ui, rows, enabled=bool(first))
+        _wire(ui, h, recipe_inputs)
     app.adapt_engine, app.adapt_handlers = engine, h
     return app
 
