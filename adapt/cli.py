@@ -78,14 +78,17 @@ def _load(args):
 
 
 def _pipes_for_scales(base, adapters, scales):
-    """Yield (scale, pipeline) with every adapter applied at that scale (scale 0 = the plain base)."""
+    """Yield (scale, pipeline) with every adapter applied at that scale.
+
+    Adapters are applied at scale 0 too (= the plain base output): a LoRA injected into the shared UNet for an
+    earlier scale must be switched off, not merely left out.
+    """
     from adapt.infer import attach
 
     for scale in scales:
         pipe = base.pipeline()
-        if scale != 0:
-            for run_dir in adapters:
-                pipe = attach(pipe, run_dir, scale=scale)
+        for run_dir in adapters:
+            pipe = attach(pipe, run_dir, scale=scale)
         yield scale, pipe
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,7 +39,7 @@ class BaseConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Optional[str] = Field(None, description="A dataset file (datasets_cfg/*.yaml) or a folder of images with .txt captions.")
+    dataset: Union[str, dict, None] = Field(None, description="A dataset file (datasets_cfg/*.yaml), a folder of images with .txt captions, or an inline mapping with a 'subsets:' list.")
     resolution: int = Field(512, gt=0, description="Training resolution in pixels (square crops).")
     center_crop: bool = Field(True, description="Center crop after resizing; false = random crop.")
     random_flip: bool = Field(False, description="Random horizontal flip (both flips are cached when latents are cached).")
@@ -215,6 +215,16 @@ def _resolve_paths(raw: dict, yaml_dir: Path) -> None:
             node[leaf] = str(candidate.resolve())
 
 
+def _inline_dataset(raw: dict, base_dir: Path, source: str) -> None:
+    """Validate an inline `data.dataset:` mapping now, with its paths made absolute (so dumps reload anywhere)."""
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("dataset"), dict):
+        from adapt.data.spec import dataset_spec_from_dict
+
+        spec = dataset_spec_from_dict(data["dataset"], source=f"{source}: data.dataset", base_dir=base_dir)
+        data["dataset"] = spec.model_dump(mode="json", exclude_none=True)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -237,6 +247,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, raw
     if path:
         _resolve_paths(raw, Path(path).resolve().parent)
     apply_overrides(raw, overrides or [], source)
+    _inline_dataset(raw, Path(path).resolve().parent if path else Path.cwd(), source)
     name = raw.get("recipe")
     if not name:
         raise ConfigError(f"{source}: missing required key 'recipe' — add e.g. 'recipe: lora' (see `adapt recipes`)")

@@ -87,12 +87,19 @@ class StreamSampler(Sampler):
         return 2**62
 
 
+def dataset_spec(dataset):
+    """A data.dataset value (file, folder or inline mapping) as something build_dataset takes."""
+    from adapt.data.spec import dataset_spec_from_dict
+
+    return dataset_spec_from_dict(dataset, source="data.dataset") if isinstance(dataset, dict) else dataset
+
+
 def build_data(cfg, base, recipe, run_dir: Path):
     """The dataset (cached where the frozen encoders allow) and cache statistics."""
     if not cfg.data.dataset:
         raise ConfigError(f"{cfg.source}: data.dataset is not set — point it at a dataset file (datasets_cfg/*.yaml) "
                           "or a folder of images, e.g. data.dataset=./my_photos")
-    dataset = build_dataset(cfg.data.dataset, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
+    dataset = build_dataset(dataset_spec(cfg.data.dataset), cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                             cfg.data.strict, cfg.train.seed)
     unknown = set(dataset.roles) - set(recipe.roles)
     if unknown:

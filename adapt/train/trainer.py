@@ -222,13 +222,12 @@ class Trainer:
         return self.run_dir
 
     def metadata(self) -> dict:
-        from adapt.data.spec import load_dataset_file
+        from adapt.data.spec import DatasetSpec, load_dataset_file
+        from adapt.train.setup import dataset_spec
 
-        triggers = []
-        try:
-            triggers = [s.trigger for s in load_dataset_file(self.cfg.data.dataset).subsets if s.trigger]
-        except Exception:  # a plain folder has no spec triggers; metadata is best effort here
-            pass
+        spec = dataset_spec(self.cfg.data.dataset)
+        spec = spec if isinstance(spec, DatasetSpec) else load_dataset_file(spec)
+        triggers = list(dict.fromkeys(s.trigger for s in spec.subsets if s.trigger))
         return {"recipe": self.cfg.recipe, **self.base.describe(), "steps": self.step, "trigger": ", ".join(triggers),
                 "resolution": self.cfg.data.resolution, "seed": self.cfg.train.seed,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": str(self.cfg.source)}

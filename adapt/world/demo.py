@@ -16,7 +16,9 @@ from adapt.config import DEFAULT_BASE
 from adapt.errors import AdaptError
 
 PACKS = Path(__file__).resolve().parent / "packs"
-STYLE_DATASET = {"subsets": [{"path": str(PACKS / "style"), "role": "instance", "caption_ext": ".txt"}]}
+# The captions already end with the trigger phrase; naming it here records it in the adapter's metadata.
+STYLE_DATASET = {"subsets": [{"path": str(PACKS / "style"), "role": "instance", "caption_ext": ".txt",
+                              "trigger": "in zzstripe style"}]}
 
 
 def demo_raw_config() -> dict:
@@ -24,7 +26,7 @@ def demo_raw_config() -> dict:
     return {
         "recipe": "lora",
         "base": {"path": DEFAULT_BASE},
-        "data": {"dataset": str(PACKS / "style"), "resolution": 64, "random_flip": True},
+        "data": {"dataset": STYLE_DATASET, "resolution": 64, "random_flip": True},
         "train": {"steps": 300, "batch_size": 8, "lr": 1.0e-3, "lr_scheduler": "constant_with_warmup",
                   "lr_warmup_steps": 20, "checkpoint_every": 100, "seed": 0},
         "preview": {"prompts": ["a small red circle on a blue background, at the left in zzstripe style",
