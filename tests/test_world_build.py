@@ -24,7 +24,7 @@ def _generate(pipe, prompt="a small red circle on a blue background, at the left
 
 
 def test_quick_build_base_end_to_end(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     parser = __import__("argparse").ArgumentParser()
     commands.add_arguments(parser)
     out = tmp_path / "base"
@@ -41,7 +41,7 @@ def test_quick_build_base_end_to_end(tmp_path):
 
 @pytest.mark.skipif(not (TINYWORLD / "model_index.json").is_file(), reason="embedded base not built yet")
 def test_embedded_base_loads_in_fp32_and_generates():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     pipe = _load(TINYWORLD, torch_dtype=torch.float32)
     assert all(p.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
     ids = pipe.tokenizer("a large blue star at the top").input_ids

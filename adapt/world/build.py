@@ -80,6 +80,7 @@ class BuildConfig:
     max_minutes: float = 0.0  # stop the UNet stage early after this many minutes (0 = no limit)
     log_every: int = 200
     subsample: int = 1  # keep every n-th label combination (quick smoke runs)
+    init_from: Path | None = None  # continue from an earlier build: its VAE is kept, UNet + text encoder trained on
 
 
 def log(msg: str) -> None:
@@ -124,6 +125,17 @@ def make_models(tokenizer, seed: int):
                                                 pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     return vae, text_encoder, unet
+
+
+def load_models(folder: Path):
+    """VAE, text encoder and UNet of an earlier build, in fp32 for training."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(folder)
+    return (AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval(),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -279,7 +291,7 @@ def build_base(cfg: BuildConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_clip_tokenizer(out / "tokenizer", caption_words(), model_max_length=MAX_TOKENS)
-    vae, text_encoder, unet = make_models(tokenizer, cfg.seed)
+    vae, text_encoder, unet = make_models(tokenizer, cfg.seed) if cfg.init_from is None else load_models(cfg.init_from)
     log(f"params: vae {_count(vae):.2f}M text_encoder {_count(text_encoder):.2f}M unet {_count(unet):.2f}M")
 
     all_labels = world_labels(novel=True)[::cfg.subsample]
@@ -288,18 +300,21 @@ def build_base(cfg: BuildConfig) -> dict:
     vae_images = to_tensor([g.render(lab) for lab in all_labels]).to(dev)
     in_base = set(base_labels)
     base_images = vae_images[[i for i, lab in enumerate(all_labels) if lab in in_base]]
-    train_vae(vae, vae_images, cfg, gen)
+    if cfg.init_from is None:
+        train_vae(vae, vae_images, cfg, gen)
+    vae.to(dev)
     info = {"vae_psnr_base": vae_psnr(vae, base_images), "vae_psnr_all": vae_psnr(vae, vae_images[::3])}
     lat_mean, lat_std = encode_all(vae, base_images)
-    scale = float(1.0 / (lat_mean + lat_std * torch.randn_like(lat_mean)).std())
-    vae.register_to_config(scaling_factor=scale)
+    if cfg.init_from is None:  # Rombach et al. 2022: rescale latents to unit variance
+        vae.register_to_config(scaling_factor=float(1.0 / (lat_mean + lat_std * torch.randn_like(lat_mean)).std()))
+    scale = vae.config.scaling_factor
     log(f"vae psnr base {info['vae_psnr_base']:.2f} dB, all {info['vae_psnr_all']:.2f} dB; scaling_factor {scale:.4f}")
 
     tokens, n_full = caption_tokens(base_labels, tokenizer, cfg.seed)
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     info.update(train_unet(unet, text_encoder, scheduler, lat_mean, lat_std, tokens.to(dev), n_full, scale, cfg, gen))
     save_pipeline(out, vae, text_encoder, tokenizer, unet)
-    info.update(scaling_factor=scale, seed=cfg.seed, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
+    info.update(scaling_factor=scale, seed=cfg.seed, init_from=str(cfg.init_from) if cfg.init_from else None, vae_steps=cfg.vae_steps, unet_steps=cfg.unet_steps,
                 batch=cfg.batch, minutes=round((time.time() - t0) / 60, 2),
                 params_m={"vae": _count(vae), "text_encoder": _count(text_encoder), "unet": _count(unet)})
     (out / "build_info.json").write_text(json.dumps(info, indent=2))

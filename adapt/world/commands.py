@@ -20,6 +20,8 @@ def _add_build_base(sub) -> None:
     p.add_argument("--batch", type=int, default=None, help="UNet batch size")
     p.add_argument("--lr", type=float, default=None, help="UNet/text-encoder peak learning rate")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop the UNet stage after this many minutes")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an earlier build folder: keep its VAE, train its UNet and text encoder further")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test; the model is useless)")
 
 
@@ -52,7 +54,8 @@ def _run_build_base(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         from adapt.errors import ConfigError
         raise ConfigError("--device cuda was given but torch sees no CUDA device; use --device cpu")
-    cfg = BuildConfig(out=args.out, device=args.device, seed=args.seed, max_minutes=args.max_minutes)
+    cfg = BuildConfig(out=args.out, device=args.device, seed=args.seed, max_minutes=args.max_minutes,
+                      init_from=args.init_from)
     if args.device == "cpu":  # smaller batches: hours, not days, on a laptop CPU
         cfg.batch, cfg.vae_batch = 64, 32
     if args.quick:
