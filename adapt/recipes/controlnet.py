@@ -23,7 +23,7 @@ from pydantic import Field
 
 from adapt.config import Section
 from adapt.errors import ConfigError, DataError, ModelLoadError
-from adapt.recipes import Recipe, register_recipe
+from adapt.recipes import Recipe, UIInput, register_recipe
 from adapt.train.diffusion import batch_latents, batch_text, unet_predictor
 
 SUBFOLDER = "controlnet"
@@ -39,7 +39,7 @@ LAYOUT_KEYS = ("in_channels", "cross_attention_dim", "block_out_channels", "down
 class ControlNetConfig(Section):
     init_from: Optional[str] = Field(None, description="Start from an existing diffusers ControlNet folder (or an adapt controlnet run) built for the same base layout; default: copy the base UNet's encoder.")
     conditioning_embedding_out_channels: Optional[list[int]] = Field(None, description="Widths of the conditioning-image encoder; its length - 1 must equal log2(VAE scale factor). Default: derived from the base (16, 32, 96, 256 for SD's factor 8).")
-    preprocessor: Optional[Literal["canny", "as_is"]] = Field(None, description="Compute each image's conditioning map on the fly (cached): 'canny' edges or 'as_is' (the image itself). Default: the dataset's conditioning images (role: control).")
+    preprocessor: Optional[Literal["canny", "as_is"]] = Field(None, description="Compute each training image's conditioning map (once, cached): 'canny' edges or 'as_is' (the image itself); replaces any conditioning images of the dataset. Default: the dataset's conditioning images (role: control).")
     canny_low: float = Field(100.0, ge=0, description="Canny low threshold (gradient magnitude on the 0..255 scale, as OpenCV).")
     canny_high: float = Field(200.0, ge=0, description="Canny high threshold.")
     canny_sigma: float = Field(0.0, ge=0, description="Gaussian blur before Canny (0 = none, like ControlNet's canny annotator).")
@@ -135,6 +135,12 @@ class ControlNet(Recipe):
 
     Config = ControlNetConfig
     roles = ("control", "instance")
+    ui_inputs = (
+        UIInput("control_image", "image", "Control image", target="apply",
+                info="the map the ControlNet follows (default: the run's control_example.png); grayscale is fine"),
+        UIInput("preprocess", "checkbox", "Apply the run's preprocessor (e.g. canny edges of a photo)", default=False,
+                target="apply"),
+    )
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -259,6 +265,17 @@ class ControlNet(Recipe):
         return pipe, {"image": self.example_control(base), "controlnet_conditioning_scale": float(scale)}
 
     @classmethod
+    def ui_prepare(cls, run_dir: Path, values: dict, width: int, height: int):
+        """The uploaded control image (or the run's example), optionally preprocessed, at the generation size."""
+        from PIL import Image
+
+        control = run_control_image(Path(run_dir), values.get("control_image"), bool(values.get("preprocess")))
+        if control is None:
+            raise ConfigError(f"{run_dir}: this ControlNet needs a control image; upload one in the app")
+        control = control.resize((int(width), int(height)), Image.Resampling.LANCZOS)
+        return {"control_image": control}, {}, [("control image, as the model sees it", control)]
+
+    @classmethod
     def apply(cls, pipe, run_dir: Path, scale: float = 1.0, control_image=None, preprocess: bool = False, **kwargs):
         """A StableDiffusionControlNetPipeline sharing `pipe`'s components, with this run's ControlNet.
 
@@ -267,33 +284,36 @@ class ControlNet(Recipe):
         control_example.png is used.  preprocess=True first applies the run's preprocessor (e.g. canny edges of a
         photo).  scale is controlnet_conditioning_scale; 0 gives exactly the base output.
         """
-        from adapt.data.control import load_control_image
-        from adapt.data.control import preprocess as run_preprocessor
         run_dir = Path(run_dir)
         folder = controlnet_folder(run_dir)
-        cache = dict(getattr(pipe, "_adapt_controlnets", {}) or {})
-        key = str(folder.resolve())
+        # Loaded once per base UNet: every pipeline over the same base (sample, compare, the UI) reuses it.
+        cache = pipe.unet.__dict__.setdefault("_adapt_controlnets", {})
+        weights = sorted(folder.glob("*.safetensors"))
+        key = f"{folder.resolve()}@{weights[0].stat().st_mtime_ns if weights else 0}"  # a re-trained run reloads
         if key not in cache:
             cn = load_controlnet(folder, pipe.unet.config, pipe.vae_scale_factor)
             cn.to(pipe.unet.device)
             cache[key] = (cn if cn.dtype == pipe.unet.dtype else cn.to(dtype=pipe.unet.dtype)).eval()
-            pipe._adapt_controlnets = cache  # later applies on this pipeline reuse the loaded model
-        elif cache[key] is not None:
-            check_compatible(cache[key].config, pipe.unet.config, pipe.vae_scale_factor, str(folder))
-        if control_image is None:
-            control_image = run_dir / EXAMPLE_CONTROL if (run_dir / EXAMPLE_CONTROL).is_file() else None
-        control = load_control_image(control_image) if control_image is not None else None
-        if control is not None and preprocess:
-            info = json.loads((run_dir / INFO_FILE).read_text()) if (run_dir / INFO_FILE).is_file() else {}
-            name = info.get("adapt.preprocessor", "none")
-            if name != "none":
-                control = run_preprocessor(name, control, **json.loads(info.get("adapt.preprocessor_params", "{}")))
-        new = control_pipeline(pipe, cache[key], control, scale)
-        new._adapt_controlnets = cache
-        return new
+        return control_pipeline(pipe, cache[key], run_control_image(run_dir, control_image, preprocess), scale)
 
 
 # ---- inference --------------------------------------------------------------------------------
+def run_control_image(run_dir: Path, control_image=None, preprocess: bool = False):
+    """The control image to use with a run: the given one (path/PIL/array; grayscale -> RGB) or the run's
+    control_example.png; with preprocess=True the run's own preprocessor (e.g. canny) is applied first."""
+    from adapt.data.control import load_control_image
+    from adapt.data.control import preprocess as run_preprocessor
+
+    if control_image is None and (run_dir / EXAMPLE_CONTROL).is_file():
+        control_image = run_dir / EXAMPLE_CONTROL
+    control = load_control_image(control_image) if control_image is not None else None
+    info = json.loads((run_dir / INFO_FILE).read_text()) if (run_dir / INFO_FILE).is_file() else {}
+    name = info.get("adapt.preprocessor", "none")
+    if control is not None and preprocess and name != "none":
+        control = run_preprocessor(name, control, **json.loads(info.get("adapt.preprocessor_params", "{}")))
+    return control
+
+
 @functools.lru_cache(maxsize=None)
 def _pipeline_class():
     from diffusers import StableDiffusionControlNetPipeline
