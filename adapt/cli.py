@@ -36,6 +36,11 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], help="a run directory to apply (repeatable)")
     p.add_argument("--vae", action="append", dest="adapter", metavar="RUN_DIR",
                    help="a vae_decoder run directory: swap in its decoder (an alias of --adapter; scale 0 = base decoder)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="RUN_DIR",
+                   help="a controlnet run directory (repeatable); needs --control unless the run has an example map")
+    p.add_argument("--control", default=None, metavar="IMAGE", help="control image for --controlnet runs")
+    p.add_argument("--control-scale", type=float, default=1.0,
+                   help="ControlNet conditioning scale (default 1.0; multiplied by the row scale in compare)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
@@ -77,8 +82,8 @@ def _load(args):
     return BaseModel.load(cfg, device=_device(args.device))
 
 
-def _pipes_for_scales(base, adapters, scales):
-    """Yield (scale, pipeline) with every adapter applied at that scale.
+def _pipes_for_scales(base, args, scales):
+    """Yield (scale, pipeline) with every adapter and ControlNet applied at that scale.
 
     Adapters are applied at scale 0 too (= the plain base output): a LoRA injected into the shared UNet for an
     earlier scale must be switched off, not merely left out.
@@ -87,8 +92,10 @@ def _pipes_for_scales(base, adapters, scales):
 
     for scale in scales:
         pipe = base.pipeline()
-        for run_dir in adapters:
+        for run_dir in args.adapter:
             pipe = attach(pipe, run_dir, scale=scale)
+        for run_dir in args.controlnet:
+            pipe = attach(pipe, run_dir, scale=scale * args.control_scale, control_image=args.control)
         yield scale, pipe
 
 
@@ -96,7 +103,7 @@ def run_sample(args) -> int:
     from adapt.infer import generate
 
     base = _load(args)
-    (_, pipe), = _pipes_for_scales(base, args.adapter, [args.scale if args.adapter else 0.0])
+    (_, pipe), = _pipes_for_scales(base, args, [args.scale if args.adapter or args.controlnet else 0.0])
     image, = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance_scale=args.cfg,
                       negative_prompt=args.negative_prompt, sampler=args.sampler, height=args.size, width=args.size)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -108,11 +115,11 @@ def run_sample(args) -> int:
 def run_compare(args) -> int:
     from adapt.infer import generate, grid
 
-    if not args.adapter:
-        raise AdaptError("compare needs --adapter RUN_DIR (the folder printed by `adapt train`)")
+    if not args.adapter and not args.controlnet:
+        raise AdaptError("compare needs --adapter RUN_DIR (or --vae / --controlnet RUN_DIR): the folder printed by `adapt train`")
     base = _load(args)
     images, labels = [], []
-    for scale, pipe in _pipes_for_scales(base, args.adapter, args.scales):
+    for scale, pipe in _pipes_for_scales(base, args, args.scales):
         for prompt in args.prompts:
             images += generate(pipe, [prompt] * len(args.seeds), args.seeds, steps=args.steps, guidance_scale=args.cfg,
                                negative_prompt=args.negative_prompt, sampler=args.sampler, height=args.size, width=args.size)
