@@ -6,10 +6,13 @@ scores the images with the judge and the functions of `adapt.world.metrics`:
 
   adherence  prompt_adherence, position_accuracy, fd (vs renders of the same labels)
   style      style_score (+ adherence, position, fd vs striped renders) on the style pack's prompts
-  subject    subject_fidelity on the subject pack's prompts
+  subject    subject_fidelity on the subject pack's prompts ("a small sks shape at ..."): the judge must call
+             the sample the subject shape, then its foreground mask is IoU-compared with the subject's outline
+             (both cropped to their bounding box, so placement and size do not count); 0 for any other shape
   class      class_diversity for class prompts with no shape ("a red shape at the left ...")
   control    control_iou (+ adherence) for silhouette control maps; without --controlnet, the base's baseline
-  decoder    psnr, ssim, fd of VAE reconstructions (encode -> decode, no diffusion)
+  decoder    psnr, ssim, fd of VAE reconstructions (encode -> decode, no diffusion) of fine-detail images
+             like the decoder pack's; details.psnr_plain for plain renders
 
 `evaluate(...)` is the library entry (the demo calls it); `run(args)` prints a
 table, or with --json one JSON object: the metric keys at the top level, plus
@@ -89,7 +92,7 @@ def suite_cases(suite: str, n: int, seed: int, identifier: Optional[str] = None)
         if suite == "style":
             labels = G.sample_labels(rng, style="striped")
         elif suite == "subject":
-            labels = G.sample_labels(rng, shape=G.NOVEL_SHAPES[0])
+            labels = G.sample_labels(rng, shape=G.NOVEL_SHAPES[0], color=G.SUBJECT_COLOR)
         else:
             labels = G.sample_labels(rng)
         if suite == "class":
@@ -103,10 +106,8 @@ def suite_cases(suite: str, n: int, seed: int, identifier: Optional[str] = None)
 
 
 def subject_prompt(labels: G.Labels, identifier: Optional[str] = None) -> str:
-    """The subject pack's prompt for labels: the rare identifier + class noun instead of the shape word."""
-    token = identifier or getattr(G, "SUBJECT_TOKEN", "sks")
-    noun = getattr(G, "SUBJECT_CLASS", "shape")
-    return f"a {labels.size} {token} {noun} at the {labels.position} on a {labels.background} background"
+    """The subject pack's caption for labels: the rare identifier + class noun instead of the shape word."""
+    return G.subject_caption(labels, token=identifier or G.SUBJECT_TOKEN)
 
 
 def run_identifier(run_dir: Optional[str]) -> Optional[str]:
@@ -129,10 +130,7 @@ def run_identifier(run_dir: Optional[str]) -> Optional[str]:
 
 def control_map(labels: G.Labels, size: int = 64):
     """The control image for labels: the shape's silhouette, white on black."""
-    render_control = getattr(G, "render_control", None)
-    if render_control is not None:
-        return render_control(labels, size=size)
-    return Image.fromarray((G.render_mask(labels, size) * 255).astype(np.uint8)).convert("RGB")
+    return G.render_control(labels, size=size)
 
 
 def control_inputs(run_dir: str, cases) -> list:
@@ -198,7 +196,7 @@ def _judged(judge, images, cases) -> tuple[dict, dict, list, np.ndarray]:
     metrics = {"prompt_adherence": M.prompt_adherence(preds, expected),
                "position_accuracy": M.position_accuracy(preds, expected)}
     details = {}
-    for head in ("shape", "color", "background", "position", "size"):
+    for head in ("shape", "color", "background", "size"):  # position is a metric of its own
         flags = [p[head] == e[head] for p, e in zip(preds, expected) if head in e]
         if flags:
             details[f"{head}_accuracy"] = float(np.mean(flags))
@@ -256,23 +254,32 @@ def _suite_generation(suite: str, settings: EvalSettings, pipe, judge, n: int, l
 
 
 @torch.no_grad()
+def _reconstruct(vae, images: list, batch_size: int) -> list:
+    """Encode -> decode (posterior mode) through a VAE; uint8 arrays back."""
+    out = []
+    for start in range(0, len(images), max(1, batch_size)):
+        x = _pixels(images[start:start + batch_size]).to(vae.device, vae.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        out += list(((rec.cpu().permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+    return out
+
+
+def _mean_psnr(originals, recons) -> float:
+    return float(np.mean([min(M.psnr(o, r), 100.0) for o, r in zip(originals, recons)]))  # identical pairs: +inf
+
+
 def _suite_decoder(settings: EvalSettings, pipe, judge, n: int) -> tuple[dict, dict]:
-    """Reconstruction quality of the (possibly fine-tuned) VAE on held-out world images."""
-    render_detail = getattr(G, "render_detail", None)  # the decoder pack's fine-detail images, when present
+    """Reconstruction quality of the (possibly fine-tuned) VAE on held-out decoder-pack-style images
+    (fine detail); plain renders' PSNR is reported too, since a decoder tuned on detail alone can lose it."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    originals = [(render_detail or G.render)(labels).resize((size, size))
-                 for _, labels in suite_cases("decoder", n, settings.seed)]
-    vae, bs = pipe.vae, max(1, settings.batch_size)
-    recons = []
-    for start in range(0, n, bs):
-        x = _pixels(originals[start:start + bs]).to(vae.device, vae.dtype)
-        out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-        recons += list(((out.cpu().permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
-    psnrs = [M.psnr(o, r) for o, r in zip(originals, recons)]
-    metrics = {"psnr": float(np.mean([min(p, 100.0) for p in psnrs])),  # identical pairs would be +inf
+    labels = [lab for _, lab in suite_cases("decoder", n, settings.seed)]
+    originals = [G.render_detail(lab).resize((size, size)) for lab in labels]
+    recons = _reconstruct(pipe.vae, originals, settings.batch_size)
+    plain = [G.render(lab).resize((size, size)) for lab in labels]
+    metrics = {"psnr": _mean_psnr(originals, recons),
                "ssim": float(np.mean([M.ssim(o, r) for o, r in zip(originals, recons)])),
                "fd": M.fd(judge.features(recons), judge.features(originals))}
-    return metrics, {"images": "decoder pack" if render_detail else "base world renders"}
+    return metrics, {"psnr_plain": _mean_psnr(plain, _reconstruct(pipe.vae, plain, settings.batch_size))}
 
 
 def _pixels(images) -> torch.Tensor:
