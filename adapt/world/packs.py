@@ -8,7 +8,7 @@ make-packs` rewrites them all from a seed.
 - style:   striped shapes whose captions carry the trigger phrase (LoRA demo);
 - subject: one novel shape in one colour, captioned with a rare identifier (DreamBooth);
 - control: images with their silhouettes under `conditioning/` (ControlNet);
-- decoder: images with fine detail, plus a `heldout/` subfolder (VAE-decoder fine-tuning).
+- decoder: fine-detail + plain renders, with held-out detail renders in decoder_heldout/ (VAE-decoder fine-tuning).
 """
 from __future__ import annotations
 
@@ -68,11 +68,21 @@ def make_control(folder: Path, rng: random.Random) -> None:
 
 
 def make_decoder(folder: Path, rng: random.Random) -> None:
-    held = _fresh(folder / "heldout")
+    """Fine-detail renders to train on, plain renders beside them, and held-out detail renders.
+
+    The plain half matters: a decoder tuned on detail images alone paints hairlines into every image
+    (prompt adherence of base generations fell from 0.95 to 0.49 in the vae_decoder proof); a 50/50 mix keeps it.
+    Plain and held-out images live in sibling folders (decoder_plain/, decoder_heldout/), not subfolders, so
+    scanning the pack lists no skipped files.
+    """
+    plain = _fresh(folder.parent / "decoder_plain")
+    held = _fresh(folder.parent / "decoder_heldout")
     labels = _distinct(rng, SIZES["decoder"] + SIZES["decoder_heldout"])
     for i, lab in enumerate(labels):
         where, stem = (folder, f"decoder_{i:03d}") if i < SIZES["decoder"] else (held, f"heldout_{i:03d}")
         _write(where, stem, g.render_detail(lab), g.caption(lab, rng))
+    for i, lab in enumerate(_distinct(rng, SIZES["decoder"])):
+        _write(plain, f"plain_{i:03d}", g.render(lab), g.caption(lab, rng))
 
 
 _YAML = """# datasets_cfg/tinyworld-{name}.yaml -- {what}
@@ -87,7 +97,7 @@ _PACKS = {  # name: (writer, role, repeats, what)
     "style": (make_style, "instance", 1, "striped shapes with the trigger phrase 'in zzstripe style' (LoRA)"),
     "subject": (make_subject, "instance", 1, "the subject: a red heart named 'sks shape' (DreamBooth)"),
     "control": (make_control, "control", 1, "images + silhouettes in conditioning/ (ControlNet)"),
-    "decoder": (make_decoder, "instance", 1, "fine-detail images; heldout/ is not trained on (VAE decoder)"),
+    "decoder": (make_decoder, "instance", 1, "fine-detail + plain renders; decoder_heldout/ is not trained on (VAE decoder)"),
 }
 
 
@@ -101,6 +111,8 @@ def make_packs(out: Path | None = None, cfg_dir: Path | None = None, seed: int =
         writer(folder, random.Random(f"pack:{name}:{seed}"))
         rel = _relpath(folder, cfg_dir)
         extra = f"    conditioning_path: {rel}/conditioning\n" if name == "control" else ""
+        if name == "decoder":
+            extra = f"  - path: {rel}_plain\n    role: instance\n    caption_ext: .txt\n    repeats: 1\n"
         text = _YAML.format(name=name, what=what, role=role, repeats=repeats, extra=extra)
         (cfg_dir / f"tinyworld-{name}.yaml").write_text(text.replace(f"../adapt/world/packs/{name}\n", rel + "\n"))
         written[name] = folder
