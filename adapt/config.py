@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -162,42 +162,57 @@ def _known_keys(model: type[BaseModel]) -> list[str]:
     return [k for k, f in model.model_fields.items() if k not in ("recipe_config", "source")]
 
 
+def _submodel(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (X, Optional[X], list[X]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     for part in loc:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if isinstance(part, int):  # an index into a list of models
+            continue
+        field = model.model_fields.get(str(part))
+        model = _submodel(getattr(field, "annotation", None))
+        if model is None:
             return None
-        model = ann
     return model
 
 
 def _describe(model: type[BaseModel], loc: tuple) -> str:
     parent = _model_at(model, loc[:-1])
-    field = parent.model_fields.get(str(loc[-1])) if parent else None
+    field = parent.model_fields.get(str(loc[-1])) if parent and loc else None
     return field.description if field and field.description else ""
 
 
 def format_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
-    """One line per problem: file, dotted key, what is wrong, how to fix it."""
+    """One line per problem: file, dotted key (list items as [i]), what is wrong, how to fix it."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "(top level)"
+        key = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        key = key or prefix.rstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
             known = _known_keys(parent) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            fix = f"did you mean '{prefix}{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else f"known keys here: {', '.join(known)}"
+            fix = f"did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?" if close \
+                else f"known keys here: {', '.join(known)}"
             lines.append(f"{source}: unknown key '{key}' — {fix}")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}' — add it ({_describe(model, loc)})")
         else:
             got = e.get("input")
-            help_text = _describe(model, loc) if loc else ""
+            help_text = _describe(model, loc) if loc and isinstance(loc[-1], str) else ""
             fix = f" — {help_text}" if help_text else ""
-            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"{source}: '{key}': {e['msg']}{shown}{fix}")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{source}: '{key}': {msg}{shown}{fix}")
     return "\n".join(lines)
 
 

@@ -15,15 +15,6 @@ from adapt.config import BaseConfig
 from adapt.errors import ModelLoadError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all overhead: one intra-op thread is ~15x cheaper in CPU time on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_base_dir):
     return BaseModel.load(str(tiny_base_dir))

@@ -9,20 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from adapt.cli import main
 from adapt.infer import sampler_names
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all overhead: one intra-op thread is ~15x cheaper in CPU time on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sample(base_dir, out: Path, *extra: str, seed: int = 1, prompt: str = "a red square") -> int:

@@ -193,7 +193,7 @@ def test_hf_hub_name_offline_is_clear(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("body, pattern", [
-    ("subsets:\n  - path: x\n    captoin_ext: .txt\n", r"subsets\[0\]\.captoin_ext.*did you mean 'caption_ext'"),
+    ("subsets:\n  - path: x\n    captoin_ext: .txt\n", r"subsets\[0\]\.captoin_ext.*did you mean 'subsets\[0\]\.caption_ext'"),
     ("subsets:\n  - path: x\n    repeats: many\n", r"subsets\[0\]\.repeats.*many"),
     ("subsets:\n  - path: x\n    repeats: 0\n", r"subsets\[0\]\.repeats.*greater than or equal to 1"),
     ("subsets:\n  - path: x\n    hf: y\n", r"exactly one of 'path'.*'hf'"),

@@ -9,7 +9,6 @@ becomes one instance subset with default settings.
 """
 from __future__ import annotations
 
-import difflib
 import string
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,6 +16,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapt.config import format_validation_error
 from adapt.errors import ConfigError
 
 Role = Literal["instance", "class", "control"]
@@ -88,44 +88,6 @@ def _check_template(template: str) -> None:
 # --------------------------------------------------------------------------- errors
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Known keys of the model that holds the last element of `loc`."""
-    model: type[BaseModel] = DatasetSpec
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        if model is DatasetSpec and part == "subsets":
-            model = SubsetSpec
-    return list(model.model_fields)
-
-
-def _describe(loc: tuple) -> str:
-    model = SubsetSpec if "subsets" in loc[:-1] else DatasetSpec
-    field = model.model_fields.get(str(loc[-1])) if loc else None
-    return field.description if field and field.description else ""
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
-        if e["type"] == "extra_forbidden":
-            known = _fields_at(loc)
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            fix = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
-            lines.append(f"{source}: unknown key '{key}' — {fix}")
-        elif e["type"] == "missing":
-            lines.append(f"{source}: missing required key '{key}' — add it ({_describe(loc)})")
-        else:
-            got = e.get("input")
-            shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            help_text = _describe(loc) if loc and isinstance(loc[-1], str) else ""
-            lines.append(f"{source}: '{key}': {msg}{shown}" + (f" — {help_text}" if help_text else ""))
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -153,7 +115,7 @@ def dataset_spec_from_dict(raw: object, source: str = "<dataset>", base_dir: str
     try:
         spec = DatasetSpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_validation_error(err, DatasetSpec, source)) from None
     base = Path(base_dir).expanduser().resolve()
     subsets = []
     for sub in spec.subsets:
