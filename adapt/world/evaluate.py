@@ -97,6 +97,10 @@ def suite_cases(suite: str, n: int, seed: int, identifier: Optional[str] = None)
             labels = G.sample_labels(rng)
         if suite == "class":
             prompt = G.caption(labels, rng, omit=("shape",))
+        elif suite == "control":
+            # Only the control map says where and how large: a prompt naming position and size would let the
+            # base alone score a high IoU, and the metric would not measure control.
+            prompt = G.caption(labels, rng, omit=("position", "size"))
         elif suite == "subject":
             prompt = subject_prompt(labels, identifier)
         else:
