@@ -92,11 +92,18 @@ def served(world):
     app.close()
 
 
+def predict(client, *args, api_name):
+    """Call an endpoint; inputs that installed recipes declare (e.g. a ControlNet image) are left empty."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
+    extra = {p["parameter_name"]: None for p in params[len(args):] if not p.get("parameter_has_default")}
+    return client.predict(*args, api_name=api_name, **extra)
+
+
 def compare(client, adapter, scale=1.0, extra=(None, 1.0), seed=3, prompt="a red square", **kw):
     values = dict(adapter=adapter, scale=scale, extra_1=extra[0], weight_1=extra[1], extra_2=None, weight_2=1.0,
                   prompt=prompt, negative_prompt="", seed=seed, steps=STEPS, cfg=5.0, sampler="ddim", size=32)
     values.update(kw)
-    return client.predict(*values.values(), api_name="/compare")
+    return predict(client, *values.values(), api_name="/compare")
 
 
 # ---- discovery and the runs-folder rule ------------------------------------------------------------
@@ -167,7 +174,7 @@ def test_stacked_adapters_with_weights_and_their_python_reproduction(served, wor
 
 def test_strength_sweep_grid(served, world):
     _, client = served
-    sheet, png = client.predict(1, world["good"], 1.0, None, 1.0, None, 1.0, "a red square", "", 5, STEPS, 5.0,
+    sheet, png = predict(client, 1, world["good"], 1.0, None, 1.0, None, 1.0, "a red square", "", 5, STEPS, 5.0,
                                 "ddim", 32, api_name="/sweep")
     img = pixels(sheet)
     assert np.array_equal(img, pixels(png))

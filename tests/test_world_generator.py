@@ -111,7 +111,8 @@ def test_make_packs_writes_folders_captions_and_dataset_files(tmp_path):
     assert set(packs) == {"style", "subject", "control", "decoder"}
     counts = {name: len(list(folder.glob("*.png"))) for name, folder in packs.items()}
     assert counts == {k: SIZES[k] for k in packs}
-    assert len(list((packs["decoder"] / "heldout").glob("*.png"))) == SIZES["decoder_heldout"]
+    assert len(list((packs["decoder"].parent / "decoder_heldout").glob("*.png"))) == SIZES["decoder_heldout"]
+    assert len(list((packs["decoder"].parent / "decoder_plain").glob("*.png"))) == SIZES["decoder"]
     for name, folder in packs.items():
         for png in folder.glob("*.png"):
             assert png.with_suffix(".txt").is_file()
