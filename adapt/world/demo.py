@@ -27,12 +27,12 @@ def demo_raw_config() -> dict:
         "recipe": "lora",
         "base": {"path": DEFAULT_BASE},
         "data": {"dataset": STYLE_DATASET, "resolution": 64, "random_flip": True},
-        "train": {"steps": 300, "batch_size": 8, "lr": 1.0e-3, "lr_scheduler": "constant_with_warmup",
+        "train": {"steps": 400, "batch_size": 8, "lr": 1.0e-3, "lr_scheduler": "constant_with_warmup",
                   "lr_warmup_steps": 20, "checkpoint_every": 100, "seed": 0},
         "preview": {"prompts": ["a small red circle on a blue background, at the left in zzstripe style",
                                 "a large yellow star on a black background, at the center in zzstripe style"],
                     "steps": 25, "guidance_scale": 5.0},
-        "lora": {"rank": 8, "alpha": 8},
+        "lora": {"rank": 16, "alpha": 16},
     }
 
 
