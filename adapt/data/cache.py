@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -56,11 +57,19 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional
 
 
 class _Store:
-    """A folder of safetensors entries addressed by key."""
+    """A folder of safetensors entries addressed by key, with a small in-memory LRU in front.
+
+    The LRU holds at most `memory_budget` bytes, so memory stays bounded however large the dataset is, while a
+    small dataset (the common LoRA case) is read from disk once per process instead of once per step.
+    """
+
+    memory_budget = 256 * 2**20
 
     def __init__(self, root: Path):
         self.root = root
         self.encoded = 0  # entries computed (not read) in this process: tests and logs use it
+        self._lru: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._lru_bytes = 0
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -69,7 +78,18 @@ class _Store:
         return self.path(key).is_file()
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path(key)))
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        entry = load_file(str(self.path(key)))
+        size = sum(t.numel() * t.element_size() for t in entry.values())
+        if size <= self.memory_budget:
+            self._lru[key] = entry
+            self._lru_bytes += size
+            while self._lru_bytes > self.memory_budget:
+                _, old = self._lru.popitem(last=False)
+                self._lru_bytes -= sum(t.numel() * t.element_size() for t in old.values())
+        return entry
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         atomic_save(tensors, self.path(key))
