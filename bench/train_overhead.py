@@ -68,18 +68,27 @@ def bare_ms(base_dir: Path, steps: int, batch: int, resolution: int, device: str
     cond = base.encode_prompt(["a red circle"] * batch).detach()
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (batch,), device=device)
+
+    def loss_fn():
+        noisy = base.noise_scheduler.add_noise(latents, noise, t)
+        return torch.nn.functional.mse_loss(base.unet(noisy, t, cond).sample, noise)
+
+    times = _timed_steps(loss_fn, opt, steps, device)
+    return 1000 * statistics.median(times[steps // 5:])
+
+
+def _timed_steps(loss_fn, opt, steps: int, device: str) -> list[float]:
+    """Seconds per bare optimizer step: forward + loss, backward, step."""
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        noisy = base.noise_scheduler.add_noise(latents, noise, t)
-        loss = torch.nn.functional.mse_loss(base.unet(noisy, t, cond).sample, noise)
-        loss.backward()
+        loss_fn().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[steps // 5:])
+    return times
 
 
 def sd15_step(device: str, steps: int = 2) -> dict:
@@ -99,19 +108,10 @@ def sd15_step(device: str, steps: int = 2) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     latents = torch.randn(1, 4, 64, 64, device=device)
     cond = torch.randn(1, 77, 768, device=device)
-    times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(steps):
-        start = time.perf_counter()
-        t = torch.randint(0, 1000, (1,), device=device)
-        loss = torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    t = torch.randint(0, 1000, (1,), device=device)
+    times = _timed_steps(lambda: torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents), opt, steps, device)
     out = {"arch": "sd15", "device": device, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
            "ms_per_step": [round(1000 * x, 1) for x in times],
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
