@@ -69,6 +69,8 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed for weights init, noise, timesteps, data order and dropout.")
     snr_gamma: Optional[float] = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value; null = off.")
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (adds per-channel constant noise); 0 = off.")
+    min_timestep: int = Field(0, ge=0, description="Train only on timesteps >= this (of the scheduler's num_train_timesteps); 0 = from the start.")
+    max_timestep: Optional[int] = Field(None, gt=0, description="Train only on timesteps < this; null = up to num_train_timesteps. A style/texture adapter trained on the low-noise end leaves the composition (shapes, layout) to the base.")
     rescale_zero_terminal_snr: bool = Field(False, description="Rescale the noise schedule to zero terminal SNR (Lin et al. 2024); use with v_prediction.")
     checkpoint_every: int = Field(500, gt=0, description="Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="How many checkpoints to keep (oldest removed first).")
@@ -82,6 +84,8 @@ class TrainConfig(Section):
     def _check(self):
         if self.lr_warmup_steps > self.steps:
             raise ValueError(f"lr_warmup_steps ({self.lr_warmup_steps}) is larger than steps ({self.steps}); lower it")
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
         return self
 
 

@@ -161,3 +161,23 @@ def test_cli_prints_run_dir_last(tiny_base_dir, image_folder, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "adapt.cli", "train", str(recipe), "train.lrr=1"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "did you mean 'train.lr'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_timestep_range_limits_the_training_noise_levels(tiny_base_dir):
+    from diffusers import DDPMScheduler
+
+    from adapt.errors import ConfigError
+    from adapt.train.diffusion import DiffusionObjective
+
+    sched = DDPMScheduler.from_pretrained(tiny_base_dir, subfolder="scheduler")
+    tc = load_config(None, ["train.min_timestep=100", "train.max_timestep=300"], raw={"recipe": "lora"}).train
+    obj = DiffusionObjective(sched, tc, torch.Generator().manual_seed(0))
+    drawn = torch.cat([obj.sample(torch.zeros(64, 4, 2, 2))[1] for _ in range(20)])
+    assert drawn.min() >= 100 and drawn.max() < 300 and len(drawn.unique()) > 100
+    full = DiffusionObjective(sched, load_config(None, [], raw={"recipe": "lora"}).train, torch.Generator().manual_seed(0))
+    assert full.sample(torch.zeros(512, 4, 2, 2))[1].max() >= 300
+    with pytest.raises(AdaptError, match="min_timestep"):
+        load_config(None, ["train.min_timestep=300", "train.max_timestep=100"], raw={"recipe": "lora"})
+    beyond = load_config(None, ["train.min_timestep=5000"], raw={"recipe": "lora"}).train
+    with pytest.raises(ConfigError, match="leave no timestep"):
+        DiffusionObjective(sched, beyond, None).timestep_range

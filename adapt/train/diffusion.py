@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from adapt.errors import ConfigError
+
 
 def rescaled_scheduler(noise_scheduler, zero_terminal_snr: bool):
     """The training scheduler, optionally rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1).
@@ -46,6 +48,17 @@ class DiffusionObjective:
         self.generator = generator
 
     @property
+    def timestep_range(self) -> tuple[int, int]:
+        """[lo, hi) of the training timesteps (train.min_timestep / train.max_timestep)."""
+        total = self.noise_scheduler.config.num_train_timesteps
+        lo = getattr(self.cfg, "min_timestep", 0) or 0
+        hi = getattr(self.cfg, "max_timestep", None) or total
+        if not 0 <= lo < min(hi, total):
+            raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi} leave no timestep to train on "
+                              f"(the scheduler has {total}); pick 0 <= min_timestep < max_timestep <= {total}")
+        return lo, min(hi, total)
+
+    @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
 
@@ -56,7 +69,8 @@ class DiffusionObjective:
         if self.cfg.noise_offset:
             # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
             noise += self.cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator)
+        lo, hi = self.timestep_range
+        timesteps = torch.randint(lo, hi, (b,), generator=self.generator)
         return noise.to(latents.device), timesteps.to(latents.device)
 
     def target(self, latents, noise, timesteps):

@@ -54,6 +54,7 @@ class Trainer:
         write_run_files(self.run_dir, cfg, self.accelerator.device)
         self.base = BaseModel.load(cfg.base, device=self.accelerator.device)
         self.recipe = get_recipe(cfg.recipe)(cfg)
+        DiffusionObjective(self.base.noise_scheduler, tc, None).timestep_range  # a bad range fails before any work
         dataset = build_data(cfg, self.base, self.recipe, self.run_dir)
         self.params = [p for p in self.recipe.prepare(self.base) if p.requires_grad]
         if not self.params:
