@@ -2,6 +2,7 @@
 
     python bench/train_overhead.py                 # {"trainer_ms":..,"bare_ms":..,"ratio":..}
     python bench/train_overhead.py --arch sd15     # {"ms_per_step":..,"peak_rss_mib":..[,"cuda_peak_mib":..]}
+    python bench/train_overhead.py --arch sd15 --device cuda --steps 20 --batch 4 --mixed-precision bf16
 
 Default mode: in one process, the same model, batch and resolution, caches warm.  The trainer's time per
 optimizer step (median over steps, measured by a callback) is compared with a bare loop doing only
@@ -91,8 +92,8 @@ def _timed_steps(loss_fn, opt, steps: int, device: str) -> list[float]:
     return times
 
 
-def sd15_step(device: str, steps: int = 2) -> dict:
-    """Two LoRA steps of an SD1.5-sized UNet (random init, 64x64 latents, batch 1)."""
+def sd15_step(device: str, steps: int = 2, batch: int = 1, precision: str = "no") -> dict:
+    """LoRA steps of an SD1.5-sized UNet (random init, 64x64 latents = 512 px), fp32 weights, optional autocast."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
@@ -106,14 +107,23 @@ def sd15_step(device: str, steps: int = 2) -> dict:
     unet.train()
     unet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    latents = torch.randn(1, 4, 64, 64, device=device)
-    cond = torch.randn(1, 77, 768, device=device)
+    latents = torch.randn(batch, 4, 64, 64, device=device)
+    cond = torch.randn(batch, 77, 768, device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = torch.randint(0, 1000, (1,), device=device)
-    times = _timed_steps(lambda: torch.nn.functional.mse_loss(unet(latents, t, cond).sample, latents), opt, steps, device)
-    out = {"arch": "sd15", "device": device, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+    t = torch.randint(0, 1000, (batch,), device=device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def loss_fn():
+        with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            pred = unet(latents, t, cond).sample
+        return torch.nn.functional.mse_loss(pred.float(), latents)
+
+    times = _timed_steps(loss_fn, opt, steps, device)
+    out = {"arch": "sd15", "device": device, "batch": batch, "mixed_precision": precision,
+           "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
            "ms_per_step": [round(1000 * x, 1) for x in times],
+           "median_ms_after_first": round(1000 * statistics.median(times[1:]), 1) if len(times) > 1 else None,
            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device == "cuda":
         out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -123,14 +133,16 @@ def sd15_step(device: str, steps: int = 2) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 40; sd15: 2)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default 8; sd15: 1)")
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="sd15 only: autocast dtype")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.arch == "sd15":
-        print(json.dumps(sd15_step(args.device)))
+        print(json.dumps(sd15_step(args.device, args.steps or 2, args.batch or 1, args.mixed_precision)))
         return 0
+    args.steps, args.batch = args.steps or 40, args.batch or 8
     from adapt.testing import make_image_folder
 
     with tempfile.TemporaryDirectory() as d:
