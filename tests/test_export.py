@@ -337,3 +337,24 @@ def teardown_module(module):
     if MEASURED and os.environ.get("ADAPT_EXPORT_REPORT"):
         with open(os.environ["ADAPT_EXPORT_REPORT"], "w") as f:
             json.dump({" x ".join(k): v for k, v in sorted(MEASURED.items())}, f, indent=1)
+
+
+def test_only_the_empty_text_encoder_note_is_silenced():
+    import logging
+
+    from adapt.export.apply import quiet_empty_text_encoder_note
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    logger.addHandler(handler)
+    try:
+        quiet_empty_text_encoder_note()
+        quiet_empty_text_encoder_note()  # idempotent
+        logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+        logger.warning("Loading adapter weights from state_dict led to unexpected keys")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Loading adapter weights from state_dict led to unexpected keys"]
+    assert sum(type(f).__name__ == "_NoEmptyTextEncoderNote" for f in logger.filters) == 1

@@ -9,12 +9,28 @@ kind the same way.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from adapt.export.convention import ModuleAdapter
 from adapt.export.files import diffusers_state_dict, load_lora_file
+
+class _NoEmptyTextEncoderNote(logging.Filter):
+    """Drop diffusers' "No LoRA keys associated to CLIPTextModel ..." warning: a UNet-only adapter is normal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No LoRA keys associated to")
+
+
+def quiet_empty_text_encoder_note() -> None:
+    """Install the filter once on the diffusers loggers that print it (every other message stays)."""
+    for name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoEmptyTextEncoderNote) for f in logger.filters):
+            logger.addFilter(_NoEmptyTextEncoderNote())
+
 
 PEFT_PARAMS = {"loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
                "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}
@@ -29,6 +45,7 @@ def load_into(pipe, adapters: dict[str, ModuleAdapter], name: str) -> list[str]:
     for kind, group in sorted(by_kind.items()):
         adapter_name = name if len(by_kind) == 1 else f"{name}_{kind}"
         if kind == "lora":
+            quiet_empty_text_encoder_note()
             pipe.load_lora_weights(diffusers_state_dict(group), adapter_name=adapter_name)
         else:
             _inject_lycoris(pipe, kind, group, adapter_name)

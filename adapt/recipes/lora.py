@@ -158,6 +158,9 @@ class LoRA(Recipe):
         loaded = set(getattr(pipe.unet, "peft_config", {}) or {}) | set(getattr(pipe.text_encoder, "peft_config", {}) or {})
         names = sorted(n for n in loaded if n == name or n.startswith(name + "_"))
         if not names and path.is_dir() and (path / WEIGHT_NAME).is_file():
+            from adapt.export.apply import quiet_empty_text_encoder_note
+
+            quiet_empty_text_encoder_note()
             pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=name)
             names = [name]
         elif not names:
