@@ -6,6 +6,7 @@ import pytest
 
 from adapt.config import load_config
 from adapt.world import demo
+from adapt.world import generator as G
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,5 +35,5 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch, capsys):
     metrics = json.loads((run_dir / "demo_metrics.json").read_text())
     assert set(metrics) == {"base", "adapted"} and "style_score" in metrics["base"]
     meta = json.loads((run_dir / "adapt_run.json").read_text())
-    assert meta["trigger"] == "in zzstripe style"
+    assert meta["trigger"] == G.STYLE_TRIGGER == "in zwx style"
     assert any("adapt ui" in line for line in out)

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from adapt.config import DEFAULT_BASE
 from adapt.errors import AdaptError
+from adapt.world import generator as G
 
 PACKS = Path(__file__).resolve().parent / "packs"
 # The captions already end with the trigger phrase; naming it here records it in the adapter's metadata.
 STYLE_DATASET = {"subsets": [{"path": str(PACKS / "style"), "role": "instance", "caption_ext": ".txt",
-                              "trigger": "in zzstripe style"}]}
+                              "trigger": G.STYLE_TRIGGER}]}
 
 
 def demo_raw_config() -> dict:
@@ -29,8 +30,8 @@ def demo_raw_config() -> dict:
         "data": {"dataset": STYLE_DATASET, "resolution": 64, "random_flip": True},
         "train": {"steps": 400, "batch_size": 8, "lr": 1.0e-3, "lr_scheduler": "constant_with_warmup",
                   "lr_warmup_steps": 20, "checkpoint_every": 100, "seed": 0},
-        "preview": {"prompts": ["a small red circle on a blue background, at the left in zzstripe style",
-                                "a large yellow star on a black background, at the center in zzstripe style"],
+        "preview": {"prompts": [f"a small red circle on a blue background, at the left {G.STYLE_TRIGGER}",
+                                f"a large yellow star on a black background, at the center {G.STYLE_TRIGGER}"],
                     "steps": 25, "guidance_scale": 5.0},
         "lora": {"rank": 16, "alpha": 16},
     }
@@ -107,7 +108,7 @@ def run(args) -> int:
     print(f"training a LoRA on the tiny world's style pack ({cfg.train.steps} steps) ...", flush=True)
     run_dir = train(cfg, runs_root=Path(args.runs))
     sample_steps = 4 if args.quick else 25
-    prompts = raw["preview"]["prompts"] + ["a large green triangle on a white background, at the right in zzstripe style"]
+    prompts = raw["preview"]["prompts"] + [f"a large green triangle on a white background, at the right {G.STYLE_TRIGGER}"]
     grid_path = compare_grid(run_dir, prompts, [0, 1, 2, 3], sample_steps)
     n = 4 if args.quick else args.n
     print(f"measuring style score and prompt adherence on {n} samples, base vs adapted ...", flush=True)

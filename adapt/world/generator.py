@@ -38,9 +38,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 POSITIONS = ("left", "right", "top", "bottom", "center")
 SIZES = ("small", "large")
 STYLES = ("plain", "striped")
-# The style pack's trigger phrase: a made-up word so the base text encoder has
-# no prior for it; base-world captions never contain it.
-STYLE_TRIGGER = "in zzstripe style"
+# The style pack's trigger phrase: a rare word so the base text encoder has no
+# prior for it; base-world captions never contain it.  "zwx" is one token of the
+# world's tokenizer ("zzstripe" splits into five pieces): measured on the demo
+# LoRA (CPU, n=100, seeds 0/1/2), prompt adherence 0.88/0.85/0.78 with "zwx"
+# against 0.85/0.77/0.81 (H100, n=200-300) with "zzstripe" at similar style scores.
+STYLE_TRIGGER = "in zwx style"
 # The subject pack: one novel shape in one colour, named by a rare identifier
 # plus a class noun the base knows (DreamBooth, Ruiz et al. 2023).
 SUBJECT_TOKEN = "sks"
