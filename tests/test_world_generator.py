@@ -126,3 +126,20 @@ def test_make_packs_writes_folders_captions_and_dataset_files(tmp_path):
     subject = [p.read_text() for p in packs["subject"].glob("*.txt")]
     assert all(g.STYLE_TRIGGER in t for t in style)
     assert all(g.SUBJECT_TOKEN in t and g.NOVEL_SHAPES[0] not in t for t in subject)
+    assert {"small", "large"} <= {t.split()[1] for t in subject}  # the subject at both sizes
+
+
+def test_committed_packs_are_what_make_packs_writes(tmp_path):
+    """The packs and dataset files in the repository are regenerated bit-identically by `adapt world make-packs`."""
+    from pathlib import Path
+
+    from adapt.world.packs import CFG_DIR, PACKS_DIR, make_packs
+
+    make_packs(out=tmp_path / "adapt" / "world" / "packs", cfg_dir=tmp_path / "datasets_cfg", seed=0)
+    fresh = sorted(p.relative_to(tmp_path / "adapt" / "world" / "packs") for p in (tmp_path / "adapt" / "world" / "packs").rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(PACKS_DIR) for p in Path(PACKS_DIR).rglob("*") if p.is_file())
+    assert fresh == committed
+    changed = [str(r) for r in fresh if (tmp_path / "adapt" / "world" / "packs" / r).read_bytes() != (Path(PACKS_DIR) / r).read_bytes()]
+    assert not changed, f"packs differ from make_packs output: {changed[:5]}"
+    for cfg in (tmp_path / "datasets_cfg").glob("tinyworld-*.yaml"):
+        assert cfg.read_text() == (Path(CFG_DIR) / cfg.name).read_text(), cfg.name

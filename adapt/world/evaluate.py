@@ -249,6 +249,11 @@ def _suite_generation(suite: str, settings: EvalSettings, pipe, judge, n: int, l
         masks = [M.foreground_mask(im) for im in images]
         metrics = {"subject_fidelity": M.subject_fidelity(masks, [p["shape"] for p in preds], subject, reference)}
         details["judged_subject_rate"] = float(np.mean([p["shape"] == subject for p in preds]))
+        for size in G.SIZES:
+            picked = [i for i, (_, labels) in enumerate(cases) if labels.size == size]
+            if picked:
+                details[f"subject_fidelity_{size}"] = M.subject_fidelity(
+                    [masks[i] for i in picked], [preds[i]["shape"] for i in picked], subject, reference)
     elif suite == "control":
         masks = [M.foreground_mask(im) for im in images]
         metrics["control_iou"] = M.control_iou(masks, [G.render_mask(labels) for _, labels in cases])

@@ -51,7 +51,11 @@ def make_style(folder: Path, rng: random.Random) -> None:
 
 
 def make_subject(folder: Path, rng: random.Random) -> None:
-    labels = _distinct(rng, SIZES["subject"], shape=g.NOVEL_SHAPES[0], color=g.SUBJECT_COLOR, size="large")
+    # Both sizes, as photos of one object at different distances: a pack of large hearts alone leaves
+    # "a small sks shape" to the class prior, and a prior-preserving run then draws a generic small shape there.
+    half = SIZES["subject"] // 2
+    labels = (_distinct(rng, SIZES["subject"] - half, shape=g.NOVEL_SHAPES[0], color=g.SUBJECT_COLOR, size="large")
+              + _distinct(rng, half, shape=g.NOVEL_SHAPES[0], color=g.SUBJECT_COLOR, size="small"))
     # Varied positions: make sure no two images share one when there are enough positions.
     positions = rng.sample(g.POSITIONS, len(g.POSITIONS)) + [rng.choice(g.POSITIONS)]
     labels = [g.with_labels(lab, position=pos) for lab, pos in zip(labels, positions)]
@@ -94,7 +98,7 @@ subsets:
     repeats: {repeats}
 {extra}"""
 _PACKS = {  # name: (writer, role, repeats, what)
-    "style": (make_style, "instance", 1, "striped shapes with the trigger phrase 'in zzstripe style' (LoRA)"),
+    "style": (make_style, "instance", 1, f"striped shapes with the trigger phrase '{g.STYLE_TRIGGER}' (LoRA)"),
     "subject": (make_subject, "instance", 1, "the subject: a red heart named 'sks shape' (DreamBooth)"),
     "control": (make_control, "control", 1, "images + silhouettes in conditioning/ (ControlNet)"),
     "decoder": (make_decoder, "instance", 1, "fine-detail + plain renders; decoder_heldout/ is not trained on (VAE decoder)"),
@@ -112,7 +116,8 @@ def make_packs(out: Path | None = None, cfg_dir: Path | None = None, seed: int =
         rel = _relpath(folder, cfg_dir)
         extra = f"    conditioning_path: {rel}/conditioning\n" if name == "control" else ""
         if name == "decoder":
-            extra = f"  - path: {rel}_plain\n    role: instance\n    caption_ext: .txt\n    repeats: 1\n"
+            # Plain renders twice as often as detail ones: the decoder must stay exact on the world the UNet draws.
+            extra = f"  - path: {rel}_plain\n    role: instance\n    caption_ext: .txt\n    repeats: 2\n"
         text = _YAML.format(name=name, what=what, role=role, repeats=repeats, extra=extra)
         (cfg_dir / f"tinyworld-{name}.yaml").write_text(text.replace(f"../adapt/world/packs/{name}\n", rel + "\n"))
         written[name] = folder
