@@ -180,4 +180,4 @@ def test_timestep_range_limits_the_training_noise_levels(tiny_base_dir):
         load_config(None, ["train.min_timestep=300", "train.max_timestep=100"], raw={"recipe": "lora"})
     beyond = load_config(None, ["train.min_timestep=5000"], raw={"recipe": "lora"}).train
     with pytest.raises(ConfigError, match="leave no timestep"):
-        DiffusionObjective(sched, beyond, None).timestep_range
+        DiffusionObjective(sched, beyond, None)

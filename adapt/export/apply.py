@@ -17,6 +17,7 @@ import torch
 from adapt.export.convention import ModuleAdapter
 from adapt.export.files import diffusers_state_dict, load_lora_file
 
+
 class _NoEmptyTextEncoderNote(logging.Filter):
     """Drop diffusers' "No LoRA keys associated to CLIPTextModel ..." warning: a UNet-only adapter is normal."""
 

@@ -46,17 +46,12 @@ class DiffusionObjective:
         self.noise_scheduler = rescaled_scheduler(noise_scheduler, train_cfg.rescale_zero_terminal_snr)
         self.cfg = train_cfg
         self.generator = generator
-
-    @property
-    def timestep_range(self) -> tuple[int, int]:
-        """[lo, hi) of the training timesteps (train.min_timestep / train.max_timestep)."""
         total = self.noise_scheduler.config.num_train_timesteps
-        lo = getattr(self.cfg, "min_timestep", 0) or 0
-        hi = getattr(self.cfg, "max_timestep", None) or total
-        if not 0 <= lo < min(hi, total):
-            raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={hi} leave no timestep to train on "
-                              f"(the scheduler has {total}); pick 0 <= min_timestep < max_timestep <= {total}")
-        return lo, min(hi, total)
+        lo, hi = train_cfg.min_timestep, min(train_cfg.max_timestep or total, total)
+        if lo >= hi:  # the config already checks min < max; this catches a range beyond the scheduler's
+            raise ConfigError(f"train.min_timestep={lo} / train.max_timestep={train_cfg.max_timestep} leave no timestep "
+                              f"to train on (the scheduler has {total}); pick 0 <= min_timestep < max_timestep <= {total}")
+        self.timestep_range = (lo, hi)  # [lo, hi) of the training timesteps
 
     @property
     def prediction_type(self) -> str:

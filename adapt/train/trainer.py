@@ -54,15 +54,15 @@ class Trainer:
         write_run_files(self.run_dir, cfg, self.accelerator.device)
         self.base = BaseModel.load(cfg.base, device=self.accelerator.device)
         self.recipe = get_recipe(cfg.recipe)(cfg)
-        DiffusionObjective(self.base.noise_scheduler, tc, None).timestep_range  # a bad range fails before any work
+        # Before any data work, so a bad timestep range fails at once; the generator draws nothing until step 1.
+        self.generator = torch.Generator("cpu").manual_seed(tc.seed)
+        self.recipe.objective = DiffusionObjective(self.base.noise_scheduler, tc, self.generator)
         dataset = build_data(cfg, self.base, self.recipe, self.run_dir)
         self.params = [p for p in self.recipe.prepare(self.base) if p.requires_grad]
         if not self.params:
             raise TrainingError(f"recipe '{cfg.recipe}' returned no trainable parameters; check its settings in {cfg.source}")
         self._train_mode()
         self.dataset, self.stats = cache_data(cfg, self.base, self.recipe, dataset)
-        self.generator = torch.Generator("cpu").manual_seed(tc.seed)
-        self.recipe.objective = DiffusionObjective(self.base.noise_scheduler, tc, self.generator)
         self.optimizer = make_optimizer(self.params, tc)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, tc)
         self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.optimizer, self.lr_scheduler)
